@@ -1,0 +1,38 @@
+"""elo-cpt: the reference implementation of ELO continual pretraining (arXiv 2601.03648).
+
+The Python API mirrors the `elo` command one to one:
+
+    elo run       -> run(load_config(...), out)
+    elo detach    -> detach(model, layers, out)
+    elo pretrain  -> pretrain(shallow, data, out, ...)
+    elo merge     -> merge(base, shallow, out)
+    elo align     -> align(model, data, out, ...)
+    elo eval      -> evaluate(model, {lang: path}, ...)
+    elo assets    -> prepare_assets()
+"""
+
+from importlib import import_module
+
+from elo_cpt.errors import EloError
+
+#: API name -> (module, attribute); imported on first use so `elo --help` does not load torch.
+_API = {
+    "prepare_assets": ("elo_cpt.assets", "prepare_assets"),
+    "describe_config": ("elo_cpt.config", "describe"),
+    "load_config": ("elo_cpt.config", "load_config"),
+    "evaluate": ("elo_cpt.evaluate", "evaluate"),
+    "run": ("elo_cpt.pipeline", "run"),
+    "detach": ("elo_cpt.surgery", "detach"),
+    "merge": ("elo_cpt.surgery", "merge"),
+    "align": ("elo_cpt.train", "align"),
+    "pretrain": ("elo_cpt.train", "pretrain"),
+}
+
+__all__ = ["EloError", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        module, attribute = _API[name]
+        return getattr(import_module(module), attribute)
+    raise AttributeError(f"module 'elo_cpt' has no attribute {name!r}")

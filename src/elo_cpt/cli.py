@@ -1,0 +1,120 @@
+"""The `elo` command. Each subcommand calls one function of the Python API (see `elo_cpt/__init__.py`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from elo_cpt.errors import EloError
+
+DEFAULT_OUT = "runs/default"
+
+
+def _add_training_options(parser: argparse.ArgumentParser, lr: float) -> None:
+    parser.add_argument("--data", action="append", default=[], metavar="PATH[@WEIGHT]",
+                        help="training corpus (.jsonl with a text field, or .txt); repeat to mix, weights are byte shares")
+    parser.add_argument("--out", required=True, help="output model folder (written when complete)")
+    parser.add_argument("--tokens", type=int, default=None, help="training tokens (default: one pass over the data)")
+    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elo", description="ELO continual pretraining: train a few layers of a shallow model, write them back, align.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the whole pipeline (stage 1, write-back, alignment, evaluation)")
+    run.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="optional YAML config, then overrides such as stage1.lr=1e-5")
+    run.add_argument("--out", default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT}); rerunning resumes it")
+    run.add_argument("--show-config", action="store_true", help="list every config key with its default and meaning, then exit")
+
+    detach = sub.add_parser("detach", help="cut the shallow model (selected layers only) out of a model")
+    detach.add_argument("model", help="Hugging Face model folder")
+    detach.add_argument("--layers", default="0,-1", help="layers to keep, e.g. 0,-1 or 0,15,-1 or 0:4 (default 0,-1)")
+    detach.add_argument("--out", required=True)
+
+    pretrain = sub.add_parser("pretrain", help="ELO stage 1: train the layers of a shallow model")
+    pretrain.add_argument("shallow", help="shallow model folder from `elo detach`")
+    _add_training_options(pretrain, lr=1.5e-5)
+
+    merge = sub.add_parser("merge", help="write a shallow model's layers back into its base model")
+    merge.add_argument("base")
+    merge.add_argument("shallow")
+    merge.add_argument("--out", required=True)
+
+    align = sub.add_parser("align", help="alignment: full fine-tuning of a (merged) model")
+    align.add_argument("model")
+    _add_training_options(align, lr=5e-5)
+
+    ev = sub.add_parser("eval", help="bits per character of a model on held-out text, per language")
+    ev.add_argument("model")
+    ev.add_argument("--text", action="append", default=[], metavar="LANG=PATH", required=True)
+    ev.add_argument("--seq-len", type=int, default=256)
+    ev.add_argument("--max-chars", type=int, default=0, help="use at most this many characters per text (default all)")
+    ev.add_argument("--json", help="also write the results to this JSON file")
+
+    sub.add_parser("assets", help="prepare and cache the default model and corpora; print where they are")
+    return parser
+
+
+def _train_config(args: argparse.Namespace):
+    from elo_cpt.config import TrainConfig
+
+    return TrainConfig(tokens=args.tokens, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum)
+
+
+def dispatch(args: argparse.Namespace) -> None:
+    import elo_cpt as api
+
+    if args.command == "run":
+        if args.show_config:
+            for key, default, doc in api.describe_config():
+                print(f"{key} = {default}\n    {doc}")
+            return
+        config_file = args.args[0] if args.args and "=" not in args.args[0] else None
+        overrides = args.args[1:] if config_file else args.args
+        api.run(api.load_config(config_file, overrides), args.out)
+    elif args.command == "detach":
+        print(api.detach(args.model, args.layers, args.out))
+    elif args.command == "pretrain":
+        stats = api.pretrain(args.shallow, args.data, args.out, _train_config(args), args.seq_len, args.seed)
+        print(f"trained {stats.tokens:,} tokens in {stats.seconds:.0f} s; final loss {stats.final_loss}; saved {args.out}")
+    elif args.command == "merge":
+        print(api.merge(args.base, args.shallow, args.out))
+    elif args.command == "align":
+        stats = api.align(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed)
+        print(f"trained {stats.tokens:,} tokens in {stats.seconds:.0f} s; final loss {stats.final_loss}; saved {args.out}")
+    elif args.command == "eval":
+        from elo_cpt.evaluate import parse_texts
+
+        results = api.evaluate(args.model, parse_texts(args.text), seq_len=args.seq_len, max_chars=args.max_chars)
+        for lang, result in results.items():
+            print(f"{lang}\t{result['bits_per_char']:.4f} bits/char\t{result['bits_per_byte']:.4f} bits/byte\t{result['chars']} chars")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    elif args.command == "assets":
+        found = api.prepare_assets()
+        for name in ("root", "model", "train_target", "train_english", "eval_target", "eval_english", "manifest"):
+            print(f"{name}\t{getattr(found, name)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        dispatch(args)
+    except EloError as err:
+        print(f"elo: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("elo: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

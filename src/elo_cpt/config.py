@@ -1,0 +1,242 @@
+"""Typed configuration of an ELO run: one YAML file plus `key=value` overrides (dotted keys for sections).
+
+A leaf module. Every field carries a docstring; `describe()` lists them for `elo run --show-config`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from elo_cpt.errors import EloError
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one training stage."""
+
+    tokens: int | None = None
+    """Training tokens for this stage (sequences x seq_len); None means one pass over the stage's data."""
+    lr: float = 5e-5
+    """Peak learning rate."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warm-up (any transformers scheduler name: cosine, linear, constant, ...)."""
+    warmup_ratio: float = 0.05
+    """Fraction of the steps spent warming the learning rate up from zero."""
+    batch_size: int = 4
+    """Sequences per optimizer step and process (before gradient accumulation)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    save_steps: int = 50
+    """Write a resumable checkpoint every this many optimizer steps."""
+
+
+@dataclass
+class Stage1Config(TrainConfig):
+    """ELO stage 1: train only the selected layers of the shallow model."""
+
+    tokens: int | None = 240_000
+    """Stage-1 training tokens (target and English together)."""
+    lr: float = 1.5e-5
+    """Peak learning rate of the selected layers (the paper uses 5e-6 at 8B scale; see docs for the evidence)."""
+
+
+@dataclass
+class AlignConfig(TrainConfig):
+    """ELO alignment: full fine-tuning of the merged model on a small, disjoint bilingual set."""
+
+    token_ratio: float = 0.1
+    """Alignment tokens as a fraction of stage-1 tokens (the paper: about 1 GB after 9 GB); used when tokens is None."""
+    lr: float = 5e-5
+    """Peak learning rate of the full fine-tune."""
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from. Empty lists use the embedded default (German target, English replay)."""
+
+    target: list[str] = field(default_factory=list)
+    """Target-language training corpora (.jsonl with a `text` field, or .txt with blank-line-separated documents)."""
+    english: list[str] = field(default_factory=list)
+    """English replay corpora, same formats."""
+    english_share: float = 0.1
+    """Share of English in the training mixture, by UTF-8 bytes (the paper: English:target = 1:9)."""
+    align_holdout: float = 0.1
+    """Fraction of each corpus's documents (its tail) reserved for alignment, so the two stages never share text."""
+    eval: dict[str, str] = field(default_factory=dict)
+    """Held-out evaluation text per language, e.g. {de: held_out_de.txt, en: held_out_en.txt}."""
+
+
+@dataclass
+class EvalConfig:
+    """Bits-per-character evaluation on held-out text."""
+
+    max_chars: int = 40_000
+    """Characters of each evaluation text used (cut at a paragraph boundary); 0 means all of it."""
+    batch_size: int = 8
+    """Windows evaluated at once."""
+
+
+@dataclass
+class RunConfig:
+    """The whole ELO pipeline: stage 1, write-back, alignment and evaluation."""
+
+    model: str | None = None
+    """Hugging Face model folder (safetensors); None uses the embedded default SmolLM2-135M-Instruct."""
+    layers: str = "0,-1"
+    """Decoder layers trained in stage 1: indices and start:stop ranges, negatives from the end (e.g. 0,-1 or 0,15,-1)."""
+    target_language: str = "de"
+    """Code of the target language, used to label results."""
+    seq_len: int = 256
+    """Tokens per training sequence and evaluation window."""
+    seed: int = 0
+    """Seed for data order and initialisation."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpora."""
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    """ELO stage-1 settings."""
+    align: AlignConfig = field(default_factory=AlignConfig)
+    """Alignment settings."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation settings."""
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass and its bases (the string literal under each field)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for stmt, nxt in zip(body, body[1:]):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[stmt.target.id] = str(nxt.value.value)
+    return docs
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, docstring) for every setting, for help output."""
+    rows = []
+    docs = _field_docs(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe(type(value), f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", repr(value), docs.get(f.name, "")))
+    return rows
+
+
+def _coerce(value: object, annotation: object, key: str) -> object:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            return _coerce(value, arg, key)
+    if annotation is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        # YAML reads `1e-5` (no dot) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if origin is list:
+        value = [value] if isinstance(value, str) else value
+        if isinstance(value, list):
+            return [_coerce(v, args[0], key) for v in value]
+    if origin is dict and isinstance(value, dict):
+        return {str(k): _coerce(v, args[1], key) for k, v in value.items()}
+    expected = origin or annotation
+    if isinstance(expected, type) and isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    raise EloError(f"config key {key!r} expects {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def _apply(obj: object, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            known = ", ".join(sorted(f"{prefix}{n}" for n in names))
+            raise EloError(f"unknown config key {key!r}; known keys here: {known}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise EloError(f"config key {key!r} is a section; set its fields, e.g. {key}.lr=1e-5")
+            _apply(current, value, f"{key}.")
+        else:
+            setattr(obj, name, _coerce(value, hints[name], key))
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """Turn `a.b=value` strings into a nested dict, values parsed as YAML scalars/lists."""
+    nested: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise EloError(f"bad override {pair!r}; write key=value, e.g. stage1.lr=1e-5")
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The run config from an optional YAML file, then `key=value` overrides, validated against the dataclasses."""
+    config = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise EloError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise EloError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise EloError(f"config file {path} must be a mapping of keys to values")
+        _apply(config, values)
+    _apply(config, parse_overrides(overrides or []))
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Reject values that cannot work, before any expensive step starts."""
+    checks = [
+        (config.seq_len >= 8, "seq_len must be at least 8"),
+        (0 <= config.data.english_share < 1, "data.english_share must be in [0, 1)"),
+        (0 < config.data.align_holdout < 1, "data.align_holdout must be in (0, 1)"),
+        (config.align.token_ratio >= 0, "align.token_ratio must be >= 0"),
+        (config.eval.max_chars >= 0, "eval.max_chars must be >= 0 (0 means all)"),
+    ]
+    for stage in ("stage1", "align"):
+        train = getattr(config, stage)
+        checks += [
+            (train.tokens is None or train.tokens >= 0, f"{stage}.tokens must be >= 0"),
+            (train.lr > 0, f"{stage}.lr must be positive"),
+            (train.batch_size >= 1 and train.grad_accum >= 1, f"{stage}.batch_size and grad_accum must be >= 1"),
+            (0 <= train.warmup_ratio < 1, f"{stage}.warmup_ratio must be in [0, 1)"),
+        ]
+    for ok, message in checks:
+        if not ok:
+            raise EloError(message)
+
+
+def to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,162 @@
+"""`elo run`: the whole ELO pipeline in one resumable run folder.
+
+    OUT/config.yaml          the resolved configuration (a rerun with another config is refused)
+    OUT/data/                the stage-1 and alignment mixtures actually trained on, and their summary
+    OUT/stages/stage1/       the trained shallow model (a Hugging Face folder plus provenance)
+    OUT/stages/merged/       the base model with the trained layers written back
+    OUT/model/               the final, aligned model: a standard Hugging Face folder
+    OUT/metrics.json         bits/char per language per model, time and tokens per stage
+
+Every step writes its output atomically; rerunning the same command after an interruption skips finished
+steps and resumes training from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+from transformers import AutoConfig
+
+from elo_cpt import assets, checkpoint, config as config_mod, data, evaluate, report, surgery, train
+from elo_cpt.config import RunConfig
+from elo_cpt.errors import EloError
+
+
+def log(message: str) -> None:
+    print(f"[elo] {message}", file=sys.stderr, flush=True)
+
+
+def resolve_defaults(cfg: RunConfig) -> RunConfig:
+    """Fill the model, corpora and evaluation texts the user left empty with the embedded default assets."""
+    if cfg.model and cfg.data.target and cfg.data.eval:
+        return cfg
+    default = assets.prepare_assets()
+    return replace(
+        cfg,
+        model=cfg.model or str(default.model),
+        data=replace(
+            cfg.data,
+            target=cfg.data.target or [str(default.train_target)],
+            english=cfg.data.english or ([] if cfg.data.target else [str(default.train_english)]),
+            eval=cfg.data.eval or {default.target_language: str(default.eval_target), "en": str(default.eval_english)},
+        ),
+    )
+
+
+def prepare_mixtures(cfg: RunConfig, data_dir: Path) -> dict:
+    """Write the stage-1 and alignment mixtures (disjoint documents) and return their summary."""
+    tokenizer = checkpoint.load_tokenizer(cfg.model)
+    english = cfg.data.english if cfg.data.english_share > 0 else []
+    paths = cfg.data.target + english
+    weights = [(1 - cfg.data.english_share) / len(cfg.data.target)] * len(cfg.data.target)
+    weights += [cfg.data.english_share / len(english)] * len(english) if english else []
+    languages = [cfg.target_language] * len(cfg.data.target) + ["en"] * len(english)
+    splits = [data.split_documents(data.read_documents(p), cfg.data.align_holdout) for p in paths]
+    budgets = {"stage1": cfg.stage1.tokens, "align": align_tokens(cfg)}
+    summary = {}
+    for part, (name, tokens) in enumerate(budgets.items()):
+        if not tokens:
+            continue
+        mixture = data.mix_documents([s[part] for s in splits], weights, tokenizer, tokens)
+        data.write_jsonl(data_dir / f"{name}.jsonl", [d for _, d in mixture], [{"lang": languages[i]} for i, _ in mixture])
+        byte_counts = Counter()
+        for i, document in mixture:
+            byte_counts[languages[i]] += len(document.encode())
+        total = sum(byte_counts.values())
+        summary[name] = {
+            "documents": len(mixture),
+            "tokens": tokens,
+            "byte_share": {lang: round(b / total, 4) for lang, b in byte_counts.items()},
+        }
+    summary["sources"] = {str(p): lang for p, lang in zip(paths, languages)}
+    return summary
+
+
+def align_tokens(cfg: RunConfig) -> int:
+    if cfg.align.tokens is not None:
+        return cfg.align.tokens
+    return int(round((cfg.stage1.tokens or 0) * cfg.align.token_ratio / cfg.seq_len)) * cfg.seq_len
+
+
+def run(cfg: RunConfig, out: str | Path) -> dict:
+    """Run the pipeline into `out` and return the metrics (also written to `out/metrics.json`)."""
+    started = time.perf_counter()
+    cfg = resolve_defaults(cfg)
+    out = Path(out)
+    metrics_path = out / "metrics.json"
+    resolved = config_mod.to_dict(cfg)
+    config_path = out / "config.yaml"
+    if config_path.is_file():
+        if yaml.safe_load(config_path.read_text()) != resolved:
+            raise EloError(f"{out} holds a run with another configuration; choose another --out or delete it")
+        if metrics_path.is_file():
+            log(f"{out} is already complete")
+            return json.loads(metrics_path.read_text())
+        log(f"resuming the run in {out}")
+    elif out.exists() and any(out.iterdir()):
+        raise EloError(f"{out} exists and is not an elo run folder; choose another --out")
+    checkpoint.require_model_dir(cfg.model)
+    surgery.resolve_layers(cfg.layers, surgery.num_layers(AutoConfig.from_pretrained(cfg.model)))
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    stages_dir = out / "stages"
+    stages: dict[str, dict] = {}
+
+    data_summary_path = out / "data" / "summary.json"
+    if not data_summary_path.is_file():
+        log("[1/6] preparing the stage-1 and alignment mixtures")
+        checkpoint.write_json(data_summary_path, prepare_mixtures(cfg, out / "data"))
+    data_summary = json.loads(data_summary_path.read_text())
+
+    shallow, stage1, merged = (stages_dir / n for n in ("shallow", "stage1", "merged"))
+    if not stage1.is_dir():
+        if not shallow.is_dir():
+            log(f"[2/6] detaching layers {cfg.layers} into a shallow model")
+            surgery.detach(cfg.model, cfg.layers, shallow)
+        log(f"[3/6] ELO stage 1: training {cfg.layers} of the shallow model on {cfg.stage1.tokens:,} tokens")
+        train.pretrain(shallow, [str(out / "data" / "stage1.jsonl")], stage1, cfg.stage1, cfg.seq_len, cfg.seed)
+    shutil.rmtree(shallow, ignore_errors=True)
+    stages["stage1"] = json.loads((stage1 / train.STATS_FILE).read_text())
+    if not merged.is_dir():
+        log("[4/6] writing the trained layers back into the base model")
+        surgery.merge(cfg.model, stage1, merged)
+    model_dir = out / "model"
+    if "align" in data_summary:
+        if not model_dir.is_dir():
+            log(f"[5/6] alignment: full fine-tuning on {data_summary['align']['tokens']:,} tokens")
+            train.align(merged, [str(out / "data" / "align.jsonl")], model_dir, replace(cfg.align, tokens=None), cfg.seq_len, cfg.seed)
+        stages["align"] = json.loads((model_dir / train.STATS_FILE).read_text())
+    elif not model_dir.is_dir():
+        log("[5/6] alignment budget is 0: the final model is the merged one")
+        with checkpoint.atomic_output(model_dir) as staging:
+            shutil.copytree(merged, staging, dirs_exist_ok=True)
+
+    log("[6/6] evaluating bits/char on held-out text")
+    results = {}
+    for name, path in (("base", cfg.model), ("merged", merged), ("final", model_dir)):
+        cached = out / "eval" / f"{name}.json"
+        if not cached.is_file():
+            cached.parent.mkdir(exist_ok=True)
+            log(f"  evaluating {name}")
+            checkpoint.write_json(
+                cached,
+                evaluate.evaluate(path, cfg.data.eval, seq_len=cfg.seq_len, max_chars=cfg.eval.max_chars, batch_size=cfg.eval.batch_size),
+            )
+        results[name] = json.loads(cached.read_text())
+    metrics = {
+        "config": resolved,
+        "data": data_summary,
+        "stages": stages,
+        "eval": results,
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    checkpoint.write_json(metrics_path, metrics)
+    print(report.summary(metrics))
+    return metrics

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random Hugging Face models of several architectures, with a real fast tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TEXT = FIXTURES / "text"
+VOCAB = 384
+
+_SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)
+#: Tiny configs of the architectures users bring; per-layer attention types where the family has them.
+ARCHITECTURES = {
+    "llama": dict(model_type="llama", tie_word_embeddings=True, **_SMALL),
+    "mistral": dict(model_type="mistral", sliding_window=8, **_SMALL),
+    "qwen2": dict(model_type="qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2, **_SMALL),
+    "qwen3": dict(model_type="qwen3", head_dim=8, **_SMALL),
+    "gemma2": dict(model_type="gemma2", head_dim=8, sliding_window=8, **_SMALL),
+    "gemma3_text": dict(model_type="gemma3_text", head_dim=8, sliding_window=8, eos_token_id=0, bos_token_id=0, pad_token_id=0, **_SMALL),
+    "phi3": dict(model_type="phi3", pad_token_id=0, bos_token_id=0, eos_token_id=0, **_SMALL),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_head=4, n_positions=512, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0),
+}
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the fixture texts (seconds, no network)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train([str(TEXT / "de.txt"), str(TEXT / "en.txt")], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+def save_tiny_model(path: Path, arch: str = "llama", num_layers: int = 5, seed: int = 0) -> Path:
+    """Write a tiny random model of architecture `arch` with the fixture tokenizer to `path`."""
+    settings = dict(ARCHITECTURES[arch])
+    config = AutoConfig.for_model(settings.pop("model_type"), num_hidden_layers=num_layers, **settings)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path, safe_serialization=True)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_model(tmp_path) -> Path:
+    return save_tiny_model(tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def corpora(tmp_path) -> dict[str, Path]:
+    """Training corpora (JSONL, repeated fixture paragraphs) and held-out evaluation texts."""
+    paths = {}
+    for lang in ("de", "en"):
+        paragraphs = (TEXT / f"{lang}.txt").read_text().split("\n\n")
+        path = tmp_path / f"train_{lang}.jsonl"
+        with path.open("w") as f:
+            for i in range(20):
+                f.write(json.dumps({"text": paragraphs[i % len(paragraphs)]}, ensure_ascii=False) + "\n")
+        paths[f"train_{lang}"] = path
+        paths[f"eval_{lang}"] = TEXT / f"{lang}.txt"
+    return paths

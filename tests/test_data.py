@@ -1,0 +1,76 @@
+"""Corpus reading, byte-share mixing, disjoint splits and packing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TEXT
+from elo_cpt import data
+from elo_cpt.errors import EloError
+
+
+def test_source_spec():
+    assert data.Source.parse("a/b.jsonl@0.9") == data.Source(data.Path("a/b.jsonl"), 0.9)
+    assert data.Source.parse("c.txt").weight == 1.0
+    with pytest.raises(EloError, match="weight"):
+        data.Source.parse("c.txt@x")
+    with pytest.raises(EloError, match="positive"):
+        data.Source.parse("c.txt@0")
+
+
+def test_read_documents_txt_and_jsonl(tmp_path):
+    assert len(data.read_documents(TEXT / "de.txt")) == 12
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"text": "eins"}\n\n{"text": "zwei"}\n')
+    assert data.read_documents(jsonl) == ["eins", "zwei"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "empty"), (b"  \n\n ", "empty"), (b'{"txt": "a"}\n', "no string field"), (b"{oops\n", "not valid JSON"), (b"\xff\xfe\x00", "not UTF-8")],
+)
+def test_bad_corpora(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(EloError, match=message):
+        data.read_documents(path)
+    with pytest.raises(EloError, match="does not exist"):
+        data.read_documents(tmp_path / "missing.txt")
+
+
+def test_split_is_disjoint_and_takes_the_tail():
+    documents = [f"d{i}" for i in range(50)]
+    head, tail = data.split_documents(documents, 0.1)
+    assert head == documents[:45] and tail == documents[45:]
+
+
+def test_mix_tracks_byte_shares(tokenizer):
+    target = [f"Ein deutscher Satz Nummer {i} mit etwas Text." for i in range(2000)]
+    english = [f"English sentence {i}." for i in range(2000)]
+    mixture = data.mix_documents([target, english], [0.9, 0.1], tokenizer, n_tokens=20_000)
+    byte_counts = [sum(len(d.encode()) for i, d in mixture if i == which) for which in (0, 1)]
+    assert abs(byte_counts[1] / sum(byte_counts) - 0.1) < 0.01
+    assert mixture == data.mix_documents([target, english], [0.9, 0.1], tokenizer, n_tokens=20_000)
+
+
+def test_mix_runs_out_of_text(tokenizer):
+    with pytest.raises(EloError, match="ran out of text"):
+        data.mix_documents([["kurz"], ["short"]], [0.5, 0.5], tokenizer, n_tokens=10_000)
+
+
+def test_pack_rows_and_separators(tokenizer):
+    rows = data.pack(["a b c", "d e f"] * 50, tokenizer, seq_len=16)
+    assert rows.shape[1] == 16
+    assert (rows == tokenizer.eos_token_id).sum() >= rows.numel() // 10
+    with pytest.raises(EloError, match="less than one sequence"):
+        data.pack(["a"], tokenizer, seq_len=64)
+
+
+def test_load_training_data_with_budget(tmp_path, tokenizer):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in data.read_documents(TEXT / "de.txt") * 5))
+    dataset = data.load_training_data([str(path)], tokenizer, seq_len=32, n_tokens=320)
+    assert len(dataset) == 10
+    assert dataset[0]["input_ids"].equal(dataset[0]["labels"])

@@ -1,0 +1,64 @@
+"""Training stages on tiny models: what trains, what does not, and resume after an interruption."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import Trainer
+
+from conftest import TEXT
+from elo_cpt import surgery, train
+from elo_cpt.config import TrainConfig
+
+
+def tensors(folder):
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_pretrain_trains_only_the_layers(tiny_model, tmp_path, corpora):
+    surgery.detach(tiny_model, "0,-1", tmp_path / "shallow")
+    stats = train.pretrain(tmp_path / "shallow", [str(corpora["train_de"])], tmp_path / "stage1", TrainConfig(lr=1e-3, batch_size=2), seq_len=32)
+    assert stats.steps > 0 and stats.tokens == stats.steps * 2 * 32 and stats.final_loss is not None
+    before, after = tensors(tmp_path / "shallow"), tensors(tmp_path / "stage1")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.layers.") for k in changed)
+    assert not (tmp_path / "stage1.partial").exists() and not (tmp_path / "stage1" / "checkpoints").exists()
+    assert (tmp_path / "stage1" / "elo_provenance.json").is_file()
+
+
+def test_align_trains_every_parameter(tiny_model, tmp_path, corpora):
+    stats = train.align(tiny_model, [str(corpora["train_de"]), f"{corpora['train_en']}@0.1"], tmp_path / "aligned",
+                        TrainConfig(tokens=640, lr=1e-3, batch_size=2), seq_len=32)
+    assert stats.tokens == 640
+    before, after = tensors(tiny_model), tensors(tmp_path / "aligned")
+    unchanged = {k for k in before if torch.equal(before[k], after[k])}
+    assert unchanged == set()
+
+
+def test_interrupted_pretraining_resumes_to_the_same_weights(tiny_model, tmp_path, corpora, monkeypatch):
+    surgery.detach(tiny_model, "0,-1", tmp_path / "shallow")
+    cfg = TrainConfig(lr=1e-3, batch_size=2, save_steps=3)
+    args = ([str(corpora["train_de"])],)
+    train.pretrain(tmp_path / "shallow", *args, tmp_path / "straight", cfg, seq_len=32)
+
+    original_step = Trainer.training_step
+    calls = []
+
+    def crash_at_step_8(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 8:
+            raise RuntimeError("simulated crash")
+        return original_step(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "training_step", crash_at_step_8)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.pretrain(tmp_path / "shallow", *args, tmp_path / "resumed", cfg, seq_len=32)
+    assert not (tmp_path / "resumed").exists()
+    assert (tmp_path / "resumed.partial" / "checkpoints" / "checkpoint-6").is_dir()
+    monkeypatch.setattr(Trainer, "training_step", original_step)
+    train.pretrain(tmp_path / "shallow", *args, tmp_path / "resumed", cfg, seq_len=32)
+    straight, resumed = tensors(tmp_path / "straight"), tensors(tmp_path / "resumed")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
