@@ -72,8 +72,8 @@ def corpora(tmp_path) -> dict[str, Path]:
         paragraphs = (TEXT / f"{lang}.txt").read_text().split("\n\n")
         path = tmp_path / f"train_{lang}.jsonl"
         with path.open("w") as f:
-            for i in range(20):
-                f.write(json.dumps({"text": paragraphs[i % len(paragraphs)]}, ensure_ascii=False) + "\n")
+            for i in range(40):
+                f.write(json.dumps({"text": f"{i}. {paragraphs[i % len(paragraphs)]}"}, ensure_ascii=False) + "\n")
         paths[f"train_{lang}"] = path
         paths[f"eval_{lang}"] = TEXT / f"{lang}.txt"
     return paths

@@ -44,6 +44,8 @@ def test_split_is_disjoint_and_takes_the_tail():
     documents = [f"d{i}" for i in range(50)]
     head, tail = data.split_documents(documents, 0.1)
     assert head == documents[:45] and tail == documents[45:]
+    head, tail = data.split_documents(["a", "b", "c", "a", "d"], 0.4)
+    assert head == ["a", "b", "c"] and tail == ["d"]
 
 
 def test_mix_tracks_byte_shares(tokenizer):

@@ -20,7 +20,7 @@ _API = {
     "prepare_assets": ("elo_cpt.assets", "prepare_assets"),
     "describe_config": ("elo_cpt.config", "describe"),
     "load_config": ("elo_cpt.config", "load_config"),
-    "evaluate": ("elo_cpt.evaluate", "evaluate"),
+    "evaluate": ("elo_cpt.evaluation", "evaluate"),
     "run": ("elo_cpt.pipeline", "run"),
     "detach": ("elo_cpt.surgery", "detach"),
     "merge": ("elo_cpt.surgery", "merge"),

@@ -90,7 +90,7 @@ def dispatch(args: argparse.Namespace) -> None:
         stats = api.align(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed)
         print(f"trained {stats.tokens:,} tokens in {stats.seconds:.0f} s; final loss {stats.final_loss}; saved {args.out}")
     elif args.command == "eval":
-        from elo_cpt.evaluate import parse_texts
+        from elo_cpt.evaluation import parse_texts
 
         results = api.evaluate(args.model, parse_texts(args.text), seq_len=args.seq_len, max_chars=args.max_chars)
         for lang, result in results.items():

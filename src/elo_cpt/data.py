@@ -71,14 +71,22 @@ def read_documents(path: str | Path) -> list[str]:
 
 
 def split_documents(documents: list[str], holdout: float) -> tuple[list[str], list[str]]:
-    """Split a corpus into a leading part and a trailing `holdout` fraction of its documents (disjoint)."""
+    """Split a corpus into a leading part and a trailing `holdout` fraction of its documents.
+
+    Documents of the tail that also occur in the head are dropped, so the parts share no text even when the
+    corpus repeats itself.
+    """
     cut = len(documents) - max(1, round(len(documents) * holdout)) if holdout > 0 else len(documents)
     if cut <= 0:
         raise EloError(f"a corpus of {len(documents)} documents is too small to hold out {holdout:.0%} of it")
-    return documents[:cut], documents[cut:]
+    head = documents[:cut]
+    seen = set(head)
+    return head, [d for d in documents[cut:] if d not in seen]
 
 
-def mix_documents(corpora: list[list[str]], weights: list[float], tokenizer, n_tokens: int) -> list[tuple[int, str]]:
+def mix_documents(
+    corpora: list[list[str]], weights: list[float], tokenizer, n_tokens: int, names: list[str] | None = None
+) -> list[tuple[int, str]]:
     """Interleave documents so that each corpus's share of bytes tracks its weight, until `n_tokens` are reached.
 
     Returns (corpus index, document) pairs. Deterministic: corpora are read in order, so shuffle them beforehand.
@@ -93,7 +101,7 @@ def mix_documents(corpora: list[list[str]], weights: list[float], tokenizer, n_t
         which = max(range(len(corpora)), key=lambda i: shares[i] * (total + 1) - taken_bytes[i])
         if cursor[which] >= len(corpora[which]):
             raise EloError(
-                f"corpus {which + 1} ran out of text after {tokens} of the {n_tokens} tokens asked for; "
+                f"corpus {names[which] if names else which + 1} ran out of text after {tokens} of the {n_tokens} tokens asked for; "
                 "lower the token budget or give it more text"
             )
         document = corpora[which][cursor[which]]
@@ -157,7 +165,8 @@ def load_training_data(sources: list[str | Source], tokenizer, seq_len: int, n_t
     if n_tokens is None:
         documents = [d for corpus in corpora for d in corpus]
     else:
-        documents = [d for _, d in mix_documents(corpora, [s.weight for s in parsed], tokenizer, n_tokens)]
+        names = [str(s.path) for s in parsed]
+        documents = [d for _, d in mix_documents(corpora, [s.weight for s in parsed], tokenizer, n_tokens, names)]
     rows = pack(documents, tokenizer, seq_len)
     if n_tokens is not None:
         rows = rows[: max(1, n_tokens // seq_len)]

@@ -5,7 +5,9 @@
     OUT/stages/stage1/       the trained shallow model (a Hugging Face folder plus provenance)
     OUT/stages/merged/       the base model with the trained layers written back
     OUT/model/               the final, aligned model: a standard Hugging Face folder
-    OUT/metrics.json         bits/char per language per model, time and tokens per stage
+    OUT/eval/                bits/char per language of the base, merged and final models
+    OUT/timings.json         wall-clock seconds per step
+    OUT/metrics.json         all of the above in one file: bits/char per model, time and tokens per stage
 
 Every step writes its output atomically; rerunning the same command after an interruption skips finished
 steps and resumes training from its last checkpoint.
@@ -13,6 +15,7 @@ steps and resumes training from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -24,7 +27,7 @@ from pathlib import Path
 import yaml
 from transformers import AutoConfig
 
-from elo_cpt import assets, checkpoint, config as config_mod, data, evaluate, report, surgery, train
+from elo_cpt import assets, checkpoint, config as config_mod, data, evaluation, report, surgery, train
 from elo_cpt.config import RunConfig
 from elo_cpt.errors import EloError
 
@@ -50,8 +53,8 @@ def resolve_defaults(cfg: RunConfig) -> RunConfig:
     )
 
 
-def prepare_mixtures(cfg: RunConfig, data_dir: Path) -> dict:
-    """Write the stage-1 and alignment mixtures (disjoint documents) and return their summary."""
+def build_mixtures(cfg: RunConfig) -> tuple[dict[str, list[tuple[str, str]]], dict]:
+    """The stage-1 and alignment mixtures as (language, document) lists over disjoint documents, and a summary."""
     tokenizer = checkpoint.load_tokenizer(cfg.model)
     english = cfg.data.english if cfg.data.english_share > 0 else []
     paths = cfg.data.target + english
@@ -60,23 +63,39 @@ def prepare_mixtures(cfg: RunConfig, data_dir: Path) -> dict:
     languages = [cfg.target_language] * len(cfg.data.target) + ["en"] * len(english)
     splits = [data.split_documents(data.read_documents(p), cfg.data.align_holdout) for p in paths]
     budgets = {"stage1": cfg.stage1.tokens, "align": align_tokens(cfg)}
-    summary = {}
+    mixtures, summary = {}, {}
     for part, (name, tokens) in enumerate(budgets.items()):
         if not tokens:
             continue
-        mixture = data.mix_documents([s[part] for s in splits], weights, tokenizer, tokens)
-        data.write_jsonl(data_dir / f"{name}.jsonl", [d for _, d in mixture], [{"lang": languages[i]} for i, _ in mixture])
+        names = [f"{p} ({name} part)" for p in paths]
+        mixture = [(languages[i], d) for i, d in data.mix_documents([s[part] for s in splits], weights, tokenizer, tokens, names)]
         byte_counts = Counter()
-        for i, document in mixture:
-            byte_counts[languages[i]] += len(document.encode())
+        for lang, document in mixture:
+            byte_counts[lang] += len(document.encode())
         total = sum(byte_counts.values())
+        mixtures[name] = mixture
         summary[name] = {
             "documents": len(mixture),
             "tokens": tokens,
             "byte_share": {lang: round(b / total, 4) for lang, b in byte_counts.items()},
         }
     summary["sources"] = {str(p): lang for p, lang in zip(paths, languages)}
-    return summary
+    return mixtures, summary
+
+
+class Timings:
+    """Wall-clock seconds per pipeline step, kept in the run folder so a resumed run still reports them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        checkpoint.write_json(self.path, self.seconds)
 
 
 def align_tokens(cfg: RunConfig) -> int:
@@ -104,39 +123,47 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
         raise EloError(f"{out} exists and is not an elo run folder; choose another --out")
     checkpoint.require_model_dir(cfg.model)
     surgery.resolve_layers(cfg.layers, surgery.num_layers(AutoConfig.from_pretrained(cfg.model)))
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
-    stages_dir = out / "stages"
-    stages: dict[str, dict] = {}
-
-    data_summary_path = out / "data" / "summary.json"
-    if not data_summary_path.is_file():
+    for path in cfg.data.eval.values():
+        evaluation.read_eval_text(path)
+    data_dir = out / "data"
+    mixtures = None
+    if not (data_dir / "summary.json").is_file():
         log("[1/6] preparing the stage-1 and alignment mixtures")
-        checkpoint.write_json(data_summary_path, prepare_mixtures(cfg, out / "data"))
-    data_summary = json.loads(data_summary_path.read_text())
+        mixtures, summary = build_mixtures(cfg)  # before anything is written: bad corpora leave no output
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    if mixtures is not None:
+        for name, mixture in mixtures.items():
+            data.write_jsonl(data_dir / f"{name}.jsonl", [d for _, d in mixture], [{"lang": lang} for lang, _ in mixture])
+        checkpoint.write_json(data_dir / "summary.json", summary)
+    data_summary = json.loads((data_dir / "summary.json").read_text())
+    timings = Timings(out / "timings.json")
 
-    shallow, stage1, merged = (stages_dir / n for n in ("shallow", "stage1", "merged"))
+    shallow, stage1, merged = (out / "stages" / n for n in ("shallow", "stage1", "merged"))
     if not stage1.is_dir():
         if not shallow.is_dir():
             log(f"[2/6] detaching layers {cfg.layers} into a shallow model")
-            surgery.detach(cfg.model, cfg.layers, shallow)
-        log(f"[3/6] ELO stage 1: training {cfg.layers} of the shallow model on {cfg.stage1.tokens:,} tokens")
-        train.pretrain(shallow, [str(out / "data" / "stage1.jsonl")], stage1, cfg.stage1, cfg.seq_len, cfg.seed)
+            with timings.step("detach"):
+                surgery.detach(cfg.model, cfg.layers, shallow)
+        log(f"[3/6] ELO stage 1: training layers {cfg.layers} of the shallow model on {cfg.stage1.tokens:,} tokens")
+        with timings.step("stage1"):
+            train.pretrain(shallow, [str(data_dir / "stage1.jsonl")], stage1, cfg.stage1, cfg.seq_len, cfg.seed)
     shutil.rmtree(shallow, ignore_errors=True)
-    stages["stage1"] = json.loads((stage1 / train.STATS_FILE).read_text())
     if not merged.is_dir():
         log("[4/6] writing the trained layers back into the base model")
-        surgery.merge(cfg.model, stage1, merged)
+        with timings.step("merge"):
+            surgery.merge(cfg.model, stage1, merged)
     model_dir = out / "model"
-    if "align" in data_summary:
-        if not model_dir.is_dir():
-            log(f"[5/6] alignment: full fine-tuning on {data_summary['align']['tokens']:,} tokens")
-            train.align(merged, [str(out / "data" / "align.jsonl")], model_dir, replace(cfg.align, tokens=None), cfg.seq_len, cfg.seed)
-        stages["align"] = json.loads((model_dir / train.STATS_FILE).read_text())
-    elif not model_dir.is_dir():
-        log("[5/6] alignment budget is 0: the final model is the merged one")
-        with checkpoint.atomic_output(model_dir) as staging:
-            shutil.copytree(merged, staging, dirs_exist_ok=True)
+    if not model_dir.is_dir():
+        with timings.step("align"):
+            if "align" in data_summary:
+                log(f"[5/6] alignment: full fine-tuning on {data_summary['align']['tokens']:,} tokens")
+                align_cfg = replace(cfg.align, tokens=data_summary["align"]["tokens"])
+                train.align(merged, [str(data_dir / "align.jsonl")], model_dir, align_cfg, cfg.seq_len, cfg.seed)
+            else:
+                log("[5/6] alignment budget is 0: the final model is the merged one")
+                with checkpoint.atomic_output(model_dir) as staging:
+                    shutil.copytree(merged, staging, dirs_exist_ok=True)
 
     log("[6/6] evaluating bits/char on held-out text")
     results = {}
@@ -144,18 +171,22 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
         cached = out / "eval" / f"{name}.json"
         if not cached.is_file():
             cached.parent.mkdir(exist_ok=True)
-            log(f"  evaluating {name}")
-            checkpoint.write_json(
-                cached,
-                evaluate.evaluate(path, cfg.data.eval, seq_len=cfg.seq_len, max_chars=cfg.eval.max_chars, batch_size=cfg.eval.batch_size),
-            )
+            log(f"  evaluating the {report.MODEL_LABELS[name]}")
+            with timings.step(f"eval {name}"):
+                result = evaluation.evaluate(path, cfg.data.eval, seq_len=cfg.seq_len, max_chars=cfg.eval.max_chars, batch_size=cfg.eval.batch_size)
+            checkpoint.write_json(cached, result)
         results[name] = json.loads(cached.read_text())
+    stages = {name: {"seconds": seconds} for name, seconds in timings.seconds.items()}
+    for name, folder in (("stage1", stage1), ("align", model_dir)):
+        if (folder / train.STATS_FILE).is_file():
+            stages[name]["training"] = json.loads((folder / train.STATS_FILE).read_text())
     metrics = {
         "config": resolved,
         "data": data_summary,
         "stages": stages,
         "eval": results,
-        "total_seconds": round(time.perf_counter() - started, 1),
+        "total_seconds": round(sum(timings.seconds.values()), 1),
+        "this_invocation_seconds": round(time.perf_counter() - started, 1),
     }
     checkpoint.write_json(metrics_path, metrics)
     print(report.summary(metrics))

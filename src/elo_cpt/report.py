@@ -33,9 +33,15 @@ def summary(metrics: dict) -> str:
             + [f"{evaluation['final'][lang]['bits_per_char'] - base[lang]['bits_per_char']:+.4f}" for lang in languages]
         )
     quality = _table(["model (bits/char, lower is better)"] + languages, rows)
-    stage_rows = [
-        [name, f"{stage['seconds']:.1f}", f"{stage.get('tokens', 0):,}", f"{stage.get('trainable_params', 0):,}"]
-        for name, stage in metrics["stages"].items()
-    ]
-    cost = _table(["stage", "seconds", "tokens", "trainable params"], stage_rows)
+    stage_rows = []
+    for name, stage in metrics["stages"].items():
+        training = stage.get("training", {})
+        stage_rows.append([
+            name,
+            f"{stage['seconds']:.1f}",
+            f"{training['tokens']:,}" if training else "",
+            f"{training['tokens'] / training['seconds']:.0f}" if training.get("seconds") else "",
+            f"{training['trainable_params']:,}" if training else "",
+        ])
+    cost = _table(["step", "seconds", "tokens", "tokens/s", "trainable params"], stage_rows)
     return f"{quality}\n\n{cost}\n\ntotal {metrics['total_seconds']:.0f} s"

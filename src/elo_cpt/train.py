@@ -84,7 +84,7 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
     world = max(1, args.world_size)
     return StageStats(
         steps=trainer.state.global_step,
-        tokens=trainer.state.global_step * cfg.batch_size * cfg.grad_accum * world * dataset.rows.shape[1],
+        tokens=min(trainer.state.global_step * cfg.batch_size * cfg.grad_accum * world, len(dataset)) * dataset.rows.shape[1],
         seconds=round(seconds, 2),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         final_loss=losses[-1][1] if losses else None,

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import TEXT, VOCAB
-from elo_cpt import evaluate
+from elo_cpt import evaluation
 from elo_cpt.errors import EloError
 
 
@@ -25,7 +25,7 @@ def uniform_model(tiny_model):
 @pytest.mark.parametrize("seq_len", [7, 32, 4096])
 def test_bits_per_char_hand_computed(tiny_model, tokenizer, seq_len):
     text = "Grüße aus Köln, und viele Grüße zurück!"
-    result = evaluate.bits_per_char(uniform_model(tiny_model), tokenizer, text, seq_len=seq_len, batch_size=3)
+    result = evaluation.bits_per_char(uniform_model(tiny_model), tokenizer, text, seq_len=seq_len, batch_size=3)
     n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     assert result["tokens"] == n_tokens
     assert result["bits_per_char"] == pytest.approx(n_tokens * math.log2(VOCAB) / len(text), rel=1e-5)
@@ -36,16 +36,16 @@ def test_windowing_does_not_change_the_total_much(tiny_model, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     text = (TEXT / "de.txt").read_text()
     # Every token is predicted once whatever the window; only the context length differs.
-    short, long = (evaluate.bits_per_char(model, tokenizer, text, seq_len=s)["bits_per_char"] for s in (64, 512))
+    short, long = (evaluation.bits_per_char(model, tokenizer, text, seq_len=s)["bits_per_char"] for s in (64, 512))
     assert short == pytest.approx(long, rel=0.05)
 
 
 def test_evaluate_model_folder_and_errors(tiny_model, tmp_path):
-    results = evaluate.evaluate(tiny_model, {"de": TEXT / "de.txt", "en": TEXT / "en.txt"}, seq_len=64, max_chars=500)
+    results = evaluation.evaluate(tiny_model, {"de": TEXT / "de.txt", "en": TEXT / "en.txt"}, seq_len=64, max_chars=500)
     assert set(results) == {"de", "en"} and results["de"]["chars"] <= 500
     assert 0 < results["de"]["bits_per_char"] < 20
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(EloError, match="empty"):
-        evaluate.evaluate(tiny_model, {"de": tmp_path / "empty.txt"})
+        evaluation.evaluate(tiny_model, {"de": tmp_path / "empty.txt"})
     with pytest.raises(EloError, match="LANG=PATH"):
-        evaluate.parse_texts(["de.txt"])
+        evaluation.parse_texts(["de.txt"])

@@ -1,0 +1,60 @@
+"""The `elo` command as a user runs it: each stage as a subcommand, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TEXT
+
+
+def elo(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "elo_cpt.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_stage_by_stage(tiny_model, corpora, tmp_path):
+    steps = [
+        ("detach", tiny_model, "--layers", "0,-1", "--out", tmp_path / "shallow"),
+        ("pretrain", tmp_path / "shallow", "--data", corpora["train_de"], "--data", f"{corpora['train_en']}@0.1",
+         "--tokens", 640, "--seq-len", 32, "--lr", 1e-3, "--out", tmp_path / "stage1"),
+        ("merge", tiny_model, tmp_path / "stage1", "--out", tmp_path / "merged"),
+        ("align", tmp_path / "merged", "--data", corpora["train_de"], "--seq-len", 32, "--out", tmp_path / "aligned"),
+        ("eval", tmp_path / "aligned", "--text", f"de={TEXT / 'de.txt'}", "--text", f"en={TEXT / 'en.txt'}",
+         "--json", tmp_path / "eval.json"),
+    ]
+    for step in steps:
+        result = elo(*step)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert "bits/char" in result.stdout and (tmp_path / "eval.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("detach", "{tmp}/missing", "--layers", "0,-1", "--out", "{tmp}/out"), "does not exist"),
+        (("detach", "{model}", "--layers", "0,12", "--out", "{tmp}/out"), "out of range"),
+        (("pretrain", "{model}", "--data", "{tmp}/empty.txt", "--out", "{tmp}/out"), "has no elo_provenance.json"),
+        (("align", "{model}", "--data", "{tmp}/empty.txt", "--out", "{tmp}/out"), "is empty"),
+        (("run", "stage1.lrr=1", "--out", "{tmp}/out"), "unknown config key"),
+        (("run", "{tmp}/missing.yaml", "--out", "{tmp}/out"), "does not exist"),
+        (("eval", "{model}", "--text", "de", "--out", "{tmp}/out"), None),
+    ],
+)
+def test_bad_input_gives_one_line_error_and_no_output(tiny_model, tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("")
+    result = elo(*(a.format(tmp=tmp_path, model=tiny_model) for a in args))
+    assert result.returncode != 0
+    if message:
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith("elo: error:") and message in lines[-1], result.stderr[-2000:]
+        assert not any(line.startswith("Traceback") for line in lines)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_show_config_lists_documented_keys():
+    result = elo("run", "--show-config")
+    assert result.returncode == 0 and "stage1.lr = 1.5e-05" in result.stdout

@@ -1,0 +1,75 @@
+"""`elo run` end to end on a tiny model, and on the real SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from elo_cpt import config, pipeline
+from elo_cpt.errors import EloError
+
+
+def tiny_run_config(tiny_model, corpora, *extra):
+    return config.load_config(None, [
+        f"model={tiny_model}",
+        f"data.target=[{corpora['train_de']}]",
+        f"data.english=[{corpora['train_en']}]",
+        f"data.eval={{de: {corpora['eval_de']}, en: {corpora['eval_en']}}}",
+        "seq_len=32", "stage1.tokens=1600", "stage1.lr=1e-3", "stage1.batch_size=2", "align.batch_size=2", "align.lr=1e-3",
+        *extra,
+    ])
+
+
+def test_pipeline_on_a_tiny_model(tiny_model, corpora, tmp_path, capsys):
+    cfg = tiny_run_config(tiny_model, corpora)
+    metrics = pipeline.run(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    AutoTokenizer.from_pretrained(run / "model")
+    assert model.config.num_hidden_layers == 5
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+    assert set(metrics["eval"]) == {"base", "merged", "final"}
+    assert set(metrics["eval"]["final"]) == {"de", "en"}
+    assert metrics["stages"]["stage1"]["training"]["tokens"] == 1600 and metrics["stages"]["align"]["training"]["tokens"] == 160
+    assert {"detach", "stage1", "merge", "align", "eval base", "eval merged", "eval final"} == set(metrics["stages"])
+    assert metrics["data"]["stage1"]["byte_share"]["en"] == pytest.approx(0.1, abs=0.05)
+    # The two stages train on disjoint documents.
+    stage1 = {json.loads(line)["text"] for line in (run / "data" / "stage1.jsonl").read_text().splitlines()}
+    aligned = {json.loads(line)["text"] for line in (run / "data" / "align.jsonl").read_text().splitlines()}
+    assert stage1 and aligned and not stage1 & aligned
+    assert "bits/char" in capsys.readouterr().out
+    # A rerun of a finished run is a no-op; another configuration in the same folder is refused.
+    assert pipeline.run(cfg, run) == metrics
+    with pytest.raises(EloError, match="another configuration"):
+        pipeline.run(tiny_run_config(tiny_model, corpora, "layers=0,1"), run)
+
+
+def test_alignment_budget_zero_keeps_the_merged_model(tiny_model, corpora, tmp_path):
+    metrics = pipeline.run(tiny_run_config(tiny_model, corpora, "align.token_ratio=0"), tmp_path / "run")
+    assert "training" not in metrics["stages"]["align"]
+    assert metrics["eval"]["final"] == metrics["eval"]["merged"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("layers=0,9", "out of range"), ("data.target=[{tmp}/empty.txt]", "is empty"), ("model={tmp}/none", "does not exist"),
+     ("stage1.tokens=100000", "ran out of text"), ("data.eval={{de: {tmp}/none.txt}}", "does not exist")],
+)
+def test_bad_input_fails_before_any_output(tiny_model, corpora, tmp_path, override, message):
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(EloError, match=message):
+        pipeline.run(tiny_run_config(tiny_model, corpora, override.format(tmp=tmp_path)), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_default_pipeline_on_smollm2_improves_german(tmp_path):
+    """The real model and corpora, with a small budget: the final model must model German better than the base."""
+    cfg = config.load_config(None, ["stage1.tokens=16384", "align.tokens=8192", "eval.max_chars=8000"])
+    metrics = pipeline.run(cfg, tmp_path / "run")
+    german = {name: result["de"]["bits_per_char"] for name, result in metrics["eval"].items()}
+    assert german["final"] < german["base"], german
+    assert metrics["stages"]["stage1"]["training"]["trainable_params"] == 2 * 3_540_096
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
