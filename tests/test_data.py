@@ -48,17 +48,25 @@ def test_split_is_disjoint_and_takes_the_tail():
     assert head == ["a", "b", "c"] and tail == ["d"]
 
 
-def test_mix_tracks_byte_shares(tokenizer):
-    target = [f"Ein deutscher Satz Nummer {i} mit etwas Text." for i in range(2000)]
-    english = [f"English sentence {i}." for i in range(2000)]
-    mixture = data.mix_documents([target, english], [0.9, 0.1], tokenizer, n_tokens=20_000)
+@pytest.mark.parametrize("english_share", [0.1, 0.3, 0.5])
+def test_mix_gives_exact_byte_shares_and_the_token_budget(tokenizer, english_share):
+    # Long target documents next to short English ones: taking whole documents would miss the share.
+    target = [" ".join(f"Ein deutscher Satz Nummer {i}-{j} mit etwas Text." for j in range(300)) for i in range(60)]
+    english = [f"English sentence {i}." for i in range(20000)]
+    weights = [1 - english_share, english_share]
+    mixture = data.mix_documents([target, english], weights, tokenizer, n_tokens=30_000)
     byte_counts = [sum(len(d.encode()) for i, d in mixture if i == which) for which in (0, 1)]
-    assert abs(byte_counts[1] / sum(byte_counts) - 0.1) < 0.01
-    assert mixture == data.mix_documents([target, english], [0.9, 0.1], tokenizer, n_tokens=20_000)
+    assert byte_counts[1] / sum(byte_counts) == pytest.approx(english_share, abs=0.002)
+    tokens = sum(len(ids) + 1 for ids in tokenizer([d for _, d in mixture], add_special_tokens=False)["input_ids"])
+    assert 30_000 <= tokens < 30_000 * 1.05
+    assert mixture == data.mix_documents([target, english], weights, tokenizer, n_tokens=30_000)
+    # Interleaved: the English share is reached early, not only at the end.
+    first_tenth = mixture[: len(mixture) // 10]
+    assert any(i == 1 for i, _ in first_tenth) and any(i == 0 for i, _ in first_tenth)
 
 
 def test_mix_runs_out_of_text(tokenizer):
-    with pytest.raises(EloError, match="ran out of text"):
+    with pytest.raises(EloError, match="too little text"):
         data.mix_documents([["kurz"], ["short"]], [0.5, 0.5], tokenizer, n_tokens=10_000)
 
 
@@ -76,3 +84,11 @@ def test_load_training_data_with_budget(tmp_path, tokenizer):
     dataset = data.load_training_data([str(path)], tokenizer, seq_len=32, n_tokens=320)
     assert len(dataset) == 10
     assert dataset[0]["input_ids"].equal(dataset[0]["labels"])
+
+
+def test_single_source_budget_stops_early_and_too_small_is_an_error(tmp_path, tokenizer):
+    path = tmp_path / "c.txt"
+    path.write_text((TEXT / "de.txt").read_text())
+    assert len(data.load_training_data([str(path)], tokenizer, seq_len=16, n_tokens=64)) == 4
+    with pytest.raises(EloError, match="fewer than"):
+        data.load_training_data([str(path)], tokenizer, seq_len=16, n_tokens=100_000)

@@ -44,7 +44,7 @@ class TrainConfig:
 class Stage1Config(TrainConfig):
     """ELO stage 1: train only the selected layers of the shallow model."""
 
-    tokens: int | None = 240_000
+    tokens: int | None = 160_000
     """Stage-1 training tokens (target and English together)."""
     lr: float = 1.5e-5
     """Peak learning rate of the selected layers (the paper uses 5e-6 at 8B scale; see docs for the evidence)."""
@@ -80,7 +80,7 @@ class DataConfig:
 class EvalConfig:
     """Bits-per-character evaluation on held-out text."""
 
-    max_chars: int = 40_000
+    max_chars: int = 20_000
     """Characters of each evaluation text used (cut at a paragraph boundary); 0 means all of it."""
     batch_size: int = 8
     """Windows evaluated at once."""

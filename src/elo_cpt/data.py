@@ -84,30 +84,68 @@ def split_documents(documents: list[str], holdout: float) -> tuple[list[str], li
     return head, [d for d in documents[cut:] if d not in seen]
 
 
+def _take_bytes(documents: list[str], quota: int) -> tuple[list[str], bool]:
+    """Leading documents holding `quota` UTF-8 bytes, the last one cut at a word boundary; False if too few."""
+    taken, size = [], 0
+    for document in documents:
+        length = len(document.encode())
+        if size + length >= quota:
+            cut = document.encode()[: quota - size].decode("utf-8", errors="ignore")
+            cut = cut[: cut.rfind(" ")] if " " in cut else cut
+            if cut.strip():
+                taken.append(cut.strip())
+            return taken, True
+        taken.append(document)
+        size += length
+    return taken, False
+
+
 def mix_documents(
     corpora: list[list[str]], weights: list[float], tokenizer, n_tokens: int, names: list[str] | None = None
 ) -> list[tuple[int, str]]:
-    """Interleave documents so that each corpus's share of bytes tracks its weight, until `n_tokens` are reached.
+    """Take documents from each corpus so that their UTF-8 byte shares equal the weights and they make `n_tokens`.
 
-    Returns (corpus index, document) pairs. Deterministic: corpora are read in order, so shuffle them beforehand.
+    Each corpus gives its leading documents up to its byte quota (the last one cut at a word boundary, so the
+    shares are exact rather than off by one long document). The result, (corpus index, document) pairs,
+    interleaves the corpora in proportion. Deterministic: shuffle the corpora beforehand if order matters.
     """
     shares = [w / sum(weights) for w in weights]
-    taken_bytes = [0] * len(corpora)
-    cursor = [0] * len(corpora)
+    names = names or [f"corpus {i + 1}" for i in range(len(corpora))]
+
+    def tokens_of(documents: list[str]) -> int:
+        return sum(len(ids) + 1 for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]) if documents else 0
+
+    # Tokens per byte of each corpus, from a sample, to turn the token budget into a byte budget.
+    rates = []
+    for corpus in corpora:
+        sample, _ = _take_bytes(corpus, 200_000)
+        rates.append(tokens_of(sample) / max(1, sum(len(d.encode()) for d in sample)))
+    total_bytes = n_tokens / sum(share * rate for share, rate in zip(shares, rates))
+    for _ in range(5):
+        parts = []
+        for which, corpus in enumerate(corpora):
+            part, enough = _take_bytes(corpus, round(shares[which] * total_bytes))
+            if not enough:
+                raise EloError(
+                    f"{names[which]} has too little text for {n_tokens:,} tokens at a {shares[which]:.0%} byte share; "
+                    "lower the token budget or give it more text"
+                )
+            parts.append(part)
+        made = sum(tokens_of(part) for part in parts)
+        if made >= n_tokens:
+            break
+        total_bytes *= 1.02 * n_tokens / made
+    else:
+        raise EloError(f"could not reach {n_tokens:,} tokens from the given corpora")
+    # Interleave: always continue the corpus furthest below its share of the bytes emitted so far.
     mixture: list[tuple[int, str]] = []
-    tokens = 0
-    while tokens < n_tokens:
-        total = sum(taken_bytes)
-        which = max(range(len(corpora)), key=lambda i: shares[i] * (total + 1) - taken_bytes[i])
-        if cursor[which] >= len(corpora[which]):
-            raise EloError(
-                f"corpus {names[which] if names else which + 1} ran out of text after {tokens} of the {n_tokens} tokens asked for; "
-                "lower the token budget or give it more text"
-            )
-        document = corpora[which][cursor[which]]
+    cursor, emitted = [0] * len(parts), [0] * len(parts)
+    while len(mixture) < sum(map(len, parts)):
+        open_parts = [i for i in range(len(parts)) if cursor[i] < len(parts[i])]
+        which = max(open_parts, key=lambda i: shares[i] * (sum(emitted) + 1) - emitted[i])
+        document = parts[which][cursor[which]]
         cursor[which] += 1
-        taken_bytes[which] += len(document.encode())
-        tokens += len(tokenizer(document, add_special_tokens=False)["input_ids"]) + 1
+        emitted[which] += len(document.encode())
         mixture.append((which, document))
     return mixture
 
@@ -128,15 +166,20 @@ def separator_id(tokenizer) -> int:
     raise EloError("the tokenizer has no eos, bos or pad token to separate documents with")
 
 
-def pack(documents: list[str], tokenizer, seq_len: int) -> torch.Tensor:
-    """Tokenize documents, join them with a separator token and cut into rows of `seq_len` (remainder dropped)."""
+def pack(documents: list[str], tokenizer, seq_len: int, max_rows: int | None = None) -> torch.Tensor:
+    """Tokenize documents, join them with a separator token and cut into rows of `seq_len` (remainder dropped).
+
+    With `max_rows`, tokenization stops as soon as that many rows are filled.
+    """
     ids: list[int] = []
     sep = separator_id(tokenizer)
     for start in range(0, len(documents), 256):
         for row in tokenizer(documents[start : start + 256], add_special_tokens=False)["input_ids"]:
             ids.extend(row)
             ids.append(sep)
-    rows = len(ids) // seq_len
+        if max_rows is not None and len(ids) >= max_rows * seq_len:
+            break
+    rows = len(ids) // seq_len if max_rows is None else min(max_rows, len(ids) // seq_len)
     if rows == 0:
         raise EloError(f"the training text makes {len(ids)} tokens, less than one sequence of {seq_len}; give more text or lower seq_len")
     return torch.tensor(ids[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
@@ -157,17 +200,25 @@ class PackedDataset(Dataset):
 
 
 def load_training_data(sources: list[str | Source], tokenizer, seq_len: int, n_tokens: int | None = None) -> PackedDataset:
-    """The packed dataset for a stage: every document of the sources once, or a byte-weighted mix of `n_tokens`."""
+    """The packed dataset of a stage.
+
+    One source: its documents in order, up to `n_tokens` (all of them if None). Several sources with a token
+    budget: a mixture whose byte shares follow the weights (see `mix_documents`).
+    """
     parsed = [Source.parse(s) for s in sources]
     if not parsed:
         raise EloError("no training data given; pass --data PATH (repeatable, PATH@WEIGHT to mix)")
     corpora = [read_documents(s.path) for s in parsed]
-    if n_tokens is None:
+    if n_tokens is None or len(parsed) == 1:
         documents = [d for corpus in corpora for d in corpus]
     else:
         names = [str(s.path) for s in parsed]
         documents = [d for _, d in mix_documents(corpora, [s.weight for s in parsed], tokenizer, n_tokens, names)]
-    rows = pack(documents, tokenizer, seq_len)
-    if n_tokens is not None:
-        rows = rows[: max(1, n_tokens // seq_len)]
+    wanted = None if n_tokens is None else max(1, n_tokens // seq_len)
+    rows = pack(documents, tokenizer, seq_len, wanted)
+    if wanted is not None and rows.shape[0] < wanted:
+        raise EloError(
+            f"the training data makes {rows.shape[0] * seq_len:,} tokens, fewer than the {n_tokens:,} asked for; "
+            "lower the token budget or give more text"
+        )
     return PackedDataset(rows)

@@ -37,17 +37,24 @@ def log(message: str) -> None:
 
 
 def resolve_defaults(cfg: RunConfig) -> RunConfig:
-    """Fill the model, corpora and evaluation texts the user left empty with the embedded default assets."""
-    if cfg.model and cfg.data.target and cfg.data.eval:
+    """Fill what the user left empty with the embedded default (SmolLM2, German target, English replay)."""
+    if cfg.data.target and not cfg.data.eval:
+        raise EloError("data.eval is empty; give held-out text per language, e.g. data.eval={ko: held_out_ko.txt, en: held_out_en.txt}")
+    if cfg.data.target and not cfg.data.english and cfg.data.english_share > 0:
+        log("no English replay corpus given (data.english): stage 1 trains on target text only")
+    if cfg.model and cfg.data.target:
         return cfg
     default = assets.prepare_assets()
+    if cfg.data.target:
+        return replace(cfg, model=str(default.model))
     return replace(
         cfg,
         model=cfg.model or str(default.model),
+        target_language=default.target_language,
         data=replace(
             cfg.data,
-            target=cfg.data.target or [str(default.train_target)],
-            english=cfg.data.english or ([] if cfg.data.target else [str(default.train_english)]),
+            target=[str(default.train_target)],
+            english=cfg.data.english or [str(default.train_english)],
             eval=cfg.data.eval or {default.target_language: str(default.eval_target), "en": str(default.eval_english)},
         ),
     )
