@@ -7,6 +7,7 @@ The Python API mirrors the `elo` command one to one:
     elo pretrain  -> pretrain(shallow, data, out, ...)
     elo merge     -> merge(base, shallow, out)
     elo align     -> align(model, data, out, ...)
+    elo finetune  -> finetune(model, data, out, ..., method=fft|freeze|lora)
     elo eval      -> evaluate(model, {lang: path}, ...)
     elo assets    -> prepare_assets()
 """
@@ -25,6 +26,7 @@ _API = {
     "detach": ("elo_cpt.surgery", "detach"),
     "merge": ("elo_cpt.surgery", "merge"),
     "align": ("elo_cpt.train", "align"),
+    "finetune": ("elo_cpt.train", "finetune"),
     "pretrain": ("elo_cpt.train", "pretrain"),
 }
 

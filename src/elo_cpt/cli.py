@@ -22,6 +22,10 @@ def _add_training_options(parser: argparse.ArgumentParser, lr: float) -> None:
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-steps", type=int, default=50, help="resumable checkpoint every N steps (default 50)")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit"], help="adamw_8bit needs bitsandbytes")
+    parser.add_argument("--loss-chunk", type=int, default=1024, help="positions per chunk of the vocabulary loss; 0: full logits")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("model")
     _add_training_options(align, lr=5e-5)
 
+    finetune = sub.add_parser("finetune", help="a baseline on the same data and budget: full fine-tuning, freeze-tuning or LoRA")
+    finetune.add_argument("model")
+    finetune.add_argument("--method", choices=["fft", "freeze", "lora"], default="fft",
+                          help="fft: every parameter; freeze: only --layers train, whole model computed; lora: adapters on every linear layer")
+    finetune.add_argument("--layers", default="0,-1", help="layers trained by --method freeze (default 0,-1)")
+    finetune.add_argument("--lora-rank", type=int, default=16)
+    _add_training_options(finetune, lr=5e-5)
+
     ev = sub.add_parser("eval", help="bits per character of a model on held-out text, per language")
     ev.add_argument("model")
     ev.add_argument("--text", action="append", default=[], metavar="LANG=PATH", required=True)
@@ -65,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_config(args: argparse.Namespace):
     from elo_cpt.config import TrainConfig
 
-    return TrainConfig(tokens=args.tokens, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum)
+    return TrainConfig(tokens=args.tokens, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       save_steps=args.save_steps, optimizer=args.optimizer, loss_chunk=args.loss_chunk,
+                       gradient_checkpointing=args.gradient_checkpointing, lora_rank=getattr(args, "lora_rank", 16))
 
 
 def dispatch(args: argparse.Namespace) -> None:
@@ -88,6 +102,9 @@ def dispatch(args: argparse.Namespace) -> None:
         print(api.merge(args.base, args.shallow, args.out))
     elif args.command == "align":
         stats = api.align(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed)
+        print(f"trained {stats.tokens:,} tokens in {stats.seconds:.0f} s; final loss {stats.final_loss}; saved {args.out}")
+    elif args.command == "finetune":
+        stats = api.finetune(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.method, args.layers)
         print(f"trained {stats.tokens:,} tokens in {stats.seconds:.0f} s; final loss {stats.final_loss}; saved {args.out}")
     elif args.command == "eval":
         from elo_cpt.evaluation import parse_texts

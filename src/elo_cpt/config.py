@@ -38,6 +38,16 @@ class TrainConfig:
     """AdamW weight decay."""
     save_steps: int = 50
     """Write a resumable checkpoint every this many optimizer steps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 turns clipping off)."""
+    optimizer: str = "adamw"
+    """`adamw` (PyTorch AdamW) or `adamw_8bit` (bitsandbytes' 8-bit AdamW, the paper's; needs bitsandbytes)."""
+    loss_chunk: int = 1024
+    """Token positions per chunk of the vocabulary loss, so the full logits never exist at once; 0 computes them whole."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    lora_rank: int = 16
+    """Rank of the LoRA adapters (LoRA baseline only)."""
 
 
 @dataclass

@@ -124,7 +124,9 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
             raise EloError(f"{out} holds a run with another configuration; choose another --out or delete it")
         if metrics_path.is_file():
             log(f"{out} is already complete")
-            return json.loads(metrics_path.read_text())
+            metrics = json.loads(metrics_path.read_text())
+            print(report.summary(metrics))
+            return metrics
         log(f"resuming the run in {out}")
     elif out.exists() and any(out.iterdir()):
         raise EloError(f"{out} exists and is not an elo run folder; choose another --out")

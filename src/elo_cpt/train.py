@@ -1,28 +1,44 @@
-"""Training stages on transformers' Trainer: ELO stage 1 (shallow model) and alignment (full fine-tuning).
+"""Training stages on transformers' Trainer: ELO stage 1, alignment, and the baselines users compare against.
 
-Trainer brings the schedule, gradient accumulation, checkpointing, resume, progress bar and distributed launch;
-this module decides what trains and where outputs land. A stage builds its output in `OUT.partial/` and
+Trainer brings the schedule, gradient accumulation, mixed precision, checkpointing, resume, progress bar and
+distributed launch (torchrun / accelerate launch -> DDP); this module decides what trains, how the loss is
+computed, what a checkpoint holds and where outputs land. A stage builds its output in `OUT.partial/` and
 renames it to `OUT` when complete; rerunning an interrupted command resumes from the last checkpoint there.
+
+Methods (one engine, same data and token budget):
+    elo     stage 1: the shallow model's decoder layers train (`pretrain`)
+    fft     every parameter trains (`align` is fft on the merged model)
+    freeze  the selected layers train, but the whole model is computed
+    lora    low-rank adapters on every linear layer (peft), merged into the weights at the end
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import resource
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from transformers import PreTrainedModel, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as recompute
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 from elo_cpt import checkpoint, data, surgery
 from elo_cpt.config import TrainConfig
+from elo_cpt.errors import EloError
 
 STATS_FILE = "training_stats.json"
+METHODS = ("fft", "freeze", "lora")
 
 
 @dataclass
@@ -41,56 +57,196 @@ class StageStats:
         return asdict(self)
 
 
-def train_only_layers(model: PreTrainedModel) -> int:
-    """Freeze everything but the decoder layers (embedding, head and final norm stay as they are)."""
+def train_only_layers(model: PreTrainedModel, layers: list[int] | None = None) -> int:
+    """Freeze everything but the given decoder layers (all of them if None); return the trainable count."""
     model.requires_grad_(False)
-    _, layers = surgery.find_decoder_layers(model)
-    layers.requires_grad_(True)
+    _, stack = surgery.find_decoder_layers(model)
+    for index in range(len(stack)) if layers is None else layers:
+        stack[index].requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainConfig, work_dir: Path, seed: int) -> StageStats:
-    """Train `model` in place on `dataset` for one pass; checkpoints go to `work_dir/checkpoints`."""
-    steps = math.ceil(len(dataset) / (cfg.batch_size * cfg.grad_accum))
-    args = TrainingArguments(
+class _Passthrough(nn.Module):
+    """Stands in for the LM head so the model returns hidden states; the loss applies the head in chunks."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, ignore_index=-100, reduction="sum")
+
+
+def chunked_lm_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean next-token cross-entropy, computing `chunk` positions of logits at a time.
+
+    Each chunk's logits are recomputed in the backward pass instead of kept, so peak memory holds one chunk
+    of batch x seq x vocab rather than all of it.
+    """
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk):
+        total = total + recompute(_chunk_loss, head, hidden[start : start + chunk], targets[start : start + chunk], use_reentrant=False)
+    return total / (targets != -100).sum().clamp(min=1)
+
+
+def supports_chunked_loss(model: PreTrainedModel, distributed: bool) -> bool:
+    """Chunking needs a plain linear head: no logit soft-capping or scaling between head and loss. Under DDP the
+    head must be frozen, since it runs outside the wrapped forward and its gradient would not be synchronised."""
+    text = model.config.get_text_config()
+    plain = getattr(text, "final_logit_softcapping", None) is None and getattr(text, "logit_scale", None) is None
+    head = model.get_output_embeddings()
+    return plain and head is not None and not (distributed and head.weight.requires_grad)
+
+
+class EloTrainer(Trainer):
+    """Trainer with a vocabulary loss in chunks, and checkpoints that hold only the trainable tensors."""
+
+    def __init__(self, *args, loss_chunk: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_chunk = loss_chunk if supports_chunked_loss(self.model, self.args.world_size > 1) else 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.loss_chunk:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inner = self.accelerator.unwrap_model(model)
+        head = inner.get_output_embeddings()
+        inner.set_output_embeddings(_Passthrough())
+        try:
+            hidden = model(input_ids=inputs["input_ids"]).logits
+        finally:
+            inner.set_output_embeddings(head)
+        loss = chunked_lm_loss(head, hidden, inputs["labels"], self.loss_chunk)
+        return (loss, None) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        # A checkpoint needs only what changes; frozen tensors come back from the model folder on resume
+        # (Trainer loads checkpoint weights non-strictly).
+        output_dir = Path(output_dir or self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        trainable = {n: p.detach().contiguous().cpu() for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
+        safetensors.torch.save_file(trainable, output_dir / "model.safetensors", metadata={"format": "pt"})
+        torch.save(self.args, output_dir / "training_args.bin")
+
+
+class TokensPerSecond(TrainerCallback):
+    """Shows training tokens per second in the progress bar's log lines."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.start = None
+        self.start_step = 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.start is None:
+            self.start, self.start_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.start is not None and state.global_step > self.start_step:
+            elapsed = time.perf_counter() - self.start
+            logs["tokens_per_s"] = round((state.global_step - self.start_step) * self.tokens_per_step / elapsed, 1)
+
+
+def training_arguments(cfg: TrainConfig, work_dir: Path, steps: int, seed: int, bf16: bool) -> TrainingArguments:
+    """Trainer settings for one pass of `steps` optimizer steps."""
+    optimizers = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}
+    if cfg.optimizer not in optimizers:
+        raise EloError(f"unknown optimizer {cfg.optimizer!r}; use one of {', '.join(optimizers)}")
+    if cfg.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise EloError("optimizer adamw_8bit needs bitsandbytes; pip install bitsandbytes, or use optimizer=adamw") from None
+    return TrainingArguments(
         output_dir=str(work_dir / "checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr,
         lr_scheduler_type=cfg.schedule,
-        warmup_steps=int(cfg.warmup_ratio * steps),
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
         weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=optimizers[cfg.optimizer],
+        gradient_checkpointing=cfg.gradient_checkpointing,
         num_train_epochs=1,
         logging_steps=max(1, steps // 20),
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=1,
         seed=seed,
-        data_seed=seed,
+        # Rows are shuffled once by our seed and then read in order, so the data order is the same for one
+        # process or many (each takes its share of every global batch) and a resume can position directly.
+        train_sampling_strategy="sequential",
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
-        bf16=model.dtype == torch.bfloat16,
+        bf16=bf16,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset)
-    resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint whose files were all written, deleting any a crash left half-written.
+
+    Trainer writes `trainer_state.json` last, so a checkpoint is complete when that file parses and names the
+    checkpoint's step.
+    """
+    if not folder.is_dir():
+        return None
+    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    for candidate in reversed(checkpoints):
+        try:
+            state = json.loads((candidate / "trainer_state.json").read_text())
+            if state.get("global_step") == int(candidate.name.split("-")[-1]):
+                return str(candidate)
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(candidate, ignore_errors=True)
+    return None
+
+
+def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainConfig, work_dir: Path, seed: int) -> StageStats:
+    """Train `model` in place on `dataset` for one pass; checkpoints go to `work_dir/checkpoints`."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    dataset = data.PackedDataset(dataset.rows[order])
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    steps = math.ceil(len(dataset) / (cfg.batch_size * cfg.grad_accum * world))
+    args = training_arguments(cfg, work_dir, steps, seed, bf16=model.dtype == torch.bfloat16)
+    seq_len = dataset.rows.shape[1]
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * max(1, args.world_size) * seq_len
+    trainer = EloTrainer(model=model, args=args, train_dataset=dataset, loss_chunk=cfg.loss_chunk,
+                         callbacks=[TokensPerSecond(tokens_per_step)])
+    resume = last_complete_checkpoint(Path(args.output_dir))
     if resume:
         print(f"resuming from {resume}", file=sys.stderr)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
     losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
-    world = max(1, args.world_size)
     return StageStats(
         steps=trainer.state.global_step,
-        tokens=min(trainer.state.global_step * cfg.batch_size * cfg.grad_accum * world, len(dataset)) * dataset.rows.shape[1],
+        tokens=min(trainer.state.global_step * tokens_per_step, len(dataset) * seq_len),
         seconds=round(seconds, 2),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         final_loss=losses[-1][1] if losses else None,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         losses=losses,
     )
+
+
+@contextlib.contextmanager
+def stage_output(out: str | Path) -> Iterator[tuple[Path, bool]]:
+    """The staging folder of a training stage, and whether this process writes the result.
+
+    Under torchrun every process trains, but only the main one saves and renames the output.
+    """
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        with checkpoint.atomic_output(out, keep_partial=True) as staging:
+            yield staging, True
+    else:
+        yield checkpoint.staging_path(Path(out)), False
 
 
 def pretrain(
@@ -107,15 +263,59 @@ def pretrain(
     provenance = checkpoint.read_provenance(shallow_dir)
     tokenizer = checkpoint.load_tokenizer(shallow_dir)
     dataset = data.load_training_data(sources, tokenizer, seq_len, cfg.tokens)
-    with checkpoint.atomic_output(out, keep_partial=True) as staging:
+    with stage_output(out) as (staging, main):
         torch.manual_seed(seed)
         model = checkpoint.load_model(shallow_dir)
         train_only_layers(model)
         stats = run_trainer(model, dataset, cfg, staging, seed)
+        if not main:
+            return stats
         shutil.rmtree(staging / "checkpoints", ignore_errors=True)
         surgery.save_shallow(model, {**provenance, "stage1_config": asdict(cfg)}, shallow_dir, staging)
         checkpoint.write_json(staging / STATS_FILE, stats.to_dict())
     return stats
+
+
+def finetune(
+    model_dir: str | Path,
+    sources: list[str],
+    out: str | Path,
+    cfg: TrainConfig | None = None,
+    seq_len: int = 256,
+    seed: int = 0,
+    method: str = "fft",
+    layers: str = "0,-1",
+) -> StageStats:
+    """Fine-tune a whole model with `method` (fft, freeze or lora) and save a standard model folder to `out`."""
+    if method not in METHODS:
+        raise EloError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    cfg = cfg or TrainConfig()
+    model_dir = checkpoint.require_model_dir(model_dir)
+    tokenizer = checkpoint.load_tokenizer(model_dir)
+    dataset = data.load_training_data(sources, tokenizer, seq_len, cfg.tokens)
+    with stage_output(out) as (staging, main):
+        torch.manual_seed(seed)
+        model = checkpoint.load_model(model_dir)
+        if method == "freeze":
+            train_only_layers(model, surgery.resolve_layers(layers, surgery.num_layers(model.config)))
+        elif method == "lora":
+            model = _with_lora(model, cfg.lora_rank)
+        stats = run_trainer(model, dataset, cfg, staging, seed)
+        if not main:
+            return stats
+        if method == "lora":
+            model = model.merge_and_unload()
+        shutil.rmtree(staging / "checkpoints", ignore_errors=True)
+        model.save_pretrained(staging, safe_serialization=True)
+        checkpoint.copy_side_files(model_dir, staging, skip=("config.json", "generation_config.json"))
+        checkpoint.write_json(staging / STATS_FILE, {**stats.to_dict(), "method": method})
+    return stats
+
+
+def _with_lora(model: PreTrainedModel, rank: int):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
 def align(
@@ -127,17 +327,4 @@ def align(
     seed: int = 0,
 ) -> StageStats:
     """Alignment: fine-tune every parameter of a (merged) model and save it to `out`."""
-    cfg = cfg or TrainConfig()
-    model_dir = checkpoint.require_model_dir(model_dir)
-    tokenizer = checkpoint.load_tokenizer(model_dir)
-    dataset = data.load_training_data(sources, tokenizer, seq_len, cfg.tokens)
-    with checkpoint.atomic_output(out, keep_partial=True) as staging:
-        torch.manual_seed(seed)
-        model = checkpoint.load_model(model_dir)
-        model.requires_grad_(True)
-        stats = run_trainer(model, dataset, cfg, staging, seed)
-        shutil.rmtree(staging / "checkpoints", ignore_errors=True)
-        model.save_pretrained(staging, safe_serialization=True)
-        checkpoint.copy_side_files(model_dir, staging, skip=("config.json", "generation_config.json"))
-        checkpoint.write_json(staging / STATS_FILE, stats.to_dict())
-    return stats
+    return finetune(model_dir, sources, out, cfg, seq_len, seed, method="fft")
