@@ -10,8 +10,10 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -36,6 +38,10 @@ SIDE_FILES = (
     "tokenizer.model",
     "added_tokens.json",
 )
+#: safetensors itself refuses headers above 100 MB.
+_MAX_HEADER = 100_000_000
+#: The most bytes held in memory while copying, when the kernel cannot copy file to file itself.
+_COPY_CHUNK = 16 << 20
 
 
 def require_model_dir(path: str | Path) -> Path:
@@ -65,18 +71,24 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
+def _open_shard(shard: Path):
+    # pread, not mmap: a tensor read is the model's own memory, not a view of the base files' pages, which would
+    # stay mapped as long as the model lives and fault (SIGBUS) if a file were replaced or truncated meanwhile.
+    return safe_open(shard, framework="pt", backend="pread")
+
+
 def tensor_locations(model_dir: Path) -> dict[str, Path]:
     """Map every tensor name of a model folder to the shard that holds it."""
     locations: dict[str, Path] = {}
     for shard in safetensors_files(model_dir):
-        with safe_open(shard, framework="pt") as f:
+        with _open_shard(shard) as f:
             for name in f.keys():
                 locations[name] = shard
     return locations
 
 
-def read_tensors(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """Read only the named tensors from a (sharded) safetensors folder."""
+def iter_tensors(model_dir: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the named tensors of a (sharded) safetensors folder one at a time, each shard opened once."""
     locations = tensor_locations(model_dir)
     missing = [n for n in names if n not in locations]
     if missing:
@@ -84,19 +96,110 @@ def read_tensors(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
     by_shard: dict[Path, list[str]] = {}
     for name in names:
         by_shard.setdefault(locations[name], []).append(name)
-    tensors = {}
     for shard, shard_names in by_shard.items():
-        with safe_open(shard, framework="pt") as f:
+        with _open_shard(shard) as f:
             for name in shard_names:
-                tensors[name] = f.get_tensor(name)
-    return tensors
+                yield name, f.get_tensor(name)
+
+
+def read_tensors(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Read only the named tensors from a (sharded) safetensors folder."""
+    return dict(iter_tensors(model_dir, names))
+
+
+@contextlib.contextmanager
+def tensor_reader(model_dir: Path) -> Iterator[Callable[[str], torch.Tensor]]:
+    """A function reading one tensor of a folder by name, on demand; each shard is opened at most once."""
+    locations = tensor_locations(model_dir)
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def read(name: str) -> torch.Tensor:
+            if name not in locations:
+                raise EloError(f"{model_dir} lacks tensor {name}; is it the model the layers came from?")
+            shard = locations[name]
+            if shard not in handles:
+                handles[shard] = stack.enter_context(_open_shard(shard))
+            return handles[shard].get_tensor(name)
+
+        yield read
+
+
+def tensor_byte_ranges(shard: Path) -> dict[str, tuple[int, int]]:
+    """Where each tensor's bytes lie in a safetensors file, as absolute [start, end) offsets.
+
+    The format is an 8-byte little-endian header length, a JSON header (dtype, shape and data_offsets relative
+    to the end of the header for every tensor, plus an optional "__metadata__"), then the raw bytes.
+    """
+    with shard.open("rb") as f:
+        raw_length = f.read(8)
+        header_length = struct.unpack("<Q", raw_length)[0] if len(raw_length) == 8 else -1
+        if not 0 < header_length <= _MAX_HEADER:
+            raise EloError(f"{shard} is not a safetensors file (bad header length); re-save the model with save_pretrained")
+        header = json.loads(f.read(header_length))
+    data_start = 8 + header_length
+    return {
+        name: (data_start + entry["data_offsets"][0], data_start + entry["data_offsets"][1])
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
+
+
+def copy_safetensors(src: Path, dst: Path, replacements: Mapping[str, Callable[[], torch.Tensor]]) -> None:
+    """Copy a safetensors file byte for byte, except the data of the tensors in `replacements`.
+
+    Each replacement is called when its turn comes, so at most one new tensor is in memory; it must have the
+    dtype and shape of the tensor it replaces. The header is kept as it is (same dtypes and shapes give the same
+    offsets), so every other tensor, the metadata and any padding stay bit-identical.
+    """
+    ranges = tensor_byte_ranges(src)
+    unknown = sorted(set(replacements) - set(ranges))
+    if unknown:
+        raise EloError(f"{src} has no tensor {unknown[0]}; merge into the model the layers came from")
+    size = src.stat().st_size
+    with src.open("rb", buffering=0) as source, dst.open("wb", buffering=0) as target:
+        position = 0
+        for name in sorted(replacements, key=lambda n: ranges[n][0]):
+            start, end = ranges[name]
+            _copy_range(source, target, position, start)
+            data = _tensor_bytes(replacements[name]())
+            if data.nbytes != end - start:
+                raise EloError(f"new data for {name} has {data.nbytes} bytes, {src.name} holds {end - start}; the shapes or dtypes differ")
+            _write_all(target, data)
+            position = end
+        _copy_range(source, target, position, size)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    # A view, not a copy: the uint8 reinterpretation of a contiguous CPU tensor shares its memory.
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _write_all(target: BinaryIO, data: memoryview) -> None:
+    # An unbuffered file may write less than asked.
+    while data.nbytes:
+        data = data[target.write(data):]
+
+
+def _copy_range(source: BinaryIO, target: BinaryIO, start: int, end: int) -> None:
+    """Append bytes [start, end) of `source` to `target`, in the kernel where it can, else one chunk at a time."""
+    while start < end:
+        try:
+            copied = os.copy_file_range(source.fileno(), target.fileno(), end - start, start)
+        except (AttributeError, OSError):  # not Linux, or a pair of filesystems it cannot copy between
+            copied = len(chunk := os.pread(source.fileno(), min(_COPY_CHUNK, end - start), start))
+            if copied:
+                _write_all(target, memoryview(chunk))
+        if copied == 0:
+            raise EloError(f"{source.name} ends before byte {end}; the file is truncated, download it again")
+        start += copied
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
     """A short content hash of a tensor (dtype, shape and bytes), to recognise the model a layer came from."""
     data = tensor.detach().contiguous().cpu()
     h = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
-    h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    h.update(_tensor_bytes(data))
     return h.hexdigest()[:32]
 
 

@@ -8,12 +8,14 @@ with a smaller `num_hidden_layers`; `elo_provenance.json` beside it says where i
 from __future__ import annotations
 
 import copy
+import functools
 import re
+import shutil
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -76,6 +78,10 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return candidates[0]
 
 
+#: Config lists that can have `num_hidden_layers` entries by chance without holding one entry per layer.
+_NOT_PER_LAYER = frozenset({"architectures", "bos_token_id", "eos_token_id", "pad_token_id", "mlp_only_layers"})
+
+
 def shallow_config(config: PretrainedConfig, layers: list[int]) -> PretrainedConfig:
     """The config of a model holding only `layers`, each keeping its original per-layer settings."""
     n = num_layers(config)
@@ -83,10 +89,26 @@ def shallow_config(config: PretrainedConfig, layers: list[int]) -> PretrainedCon
     text = shallow.get_text_config()
     # Per-layer lists (attention type, sliding window on/off, ...) must follow the layer, not its new index.
     for key, value in list(text.to_diff_dict().items()) + [("layer_types", getattr(text, "layer_types", None))]:
-        if isinstance(value, list) and len(value) == n:
+        if key not in _NOT_PER_LAYER and isinstance(value, list) and len(value) == n:
             setattr(text, key, [value[i] for i in layers])
+    _renumber_layer_rules(text, layers)
     text.num_hidden_layers = len(layers)
     return shallow
+
+
+def _renumber_layer_rules(text: PretrainedConfig, layers: list[int]) -> None:
+    """Rewrite settings that pick layers by index, so each kept layer keeps the kind it had in the base model."""
+    # "The first k layers are X" stays a prefix after dropping layers, since kept layers keep their order.
+    for key in ("max_window_layers", "first_k_dense_replace"):
+        first_k = getattr(text, key, None)
+        if isinstance(first_k, int):
+            setattr(text, key, sum(1 for i in layers if i < first_k))
+    # Qwen-MoE: layer i has experts iff i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0. A step
+    # does not survive renumbering, so spell the dense layers out instead.
+    step, dense = getattr(text, "decoder_sparse_step", None), getattr(text, "mlp_only_layers", None)
+    if isinstance(step, int) and step > 0 and isinstance(dense, list):
+        text.mlp_only_layers = [new for new, old in enumerate(layers) if old in dense or (old + 1) % step]
+        text.decoder_sparse_step = 1
 
 
 def layer_key_map(prefix: str, layers: list[int], names: list[str]) -> dict[str, str]:
@@ -101,24 +123,22 @@ def layer_key_map(prefix: str, layers: list[int], names: list[str]) -> dict[str,
 
 
 def build_shallow(base_dir: str | Path, layers_spec: str) -> tuple[PreTrainedModel, dict]:
-    """Build the shallow model in memory, reading only the tensors it keeps from the base checkpoint."""
+    """Build the shallow model in memory, reading only the tensors it keeps from the base checkpoint.
+
+    Nothing is randomly initialised and no tensor of a dropped layer is read: peak memory is about the shallow
+    model itself.
+    """
     base_dir = checkpoint.require_model_dir(base_dir)
     config = AutoConfig.from_pretrained(base_dir)
     n = num_layers(config)
     layers = resolve_layers(layers_spec, n)
-    dtype = getattr(config, "dtype", None) or torch.float32
-    model = AutoModelForCausalLM.from_config(shallow_config(config, layers), dtype=dtype)
-    prefix, _ = find_decoder_layers(model)
-    own_names = list(model.state_dict().keys())
-    to_base = layer_key_map(prefix, layers, own_names)
-    available = checkpoint.tensor_locations(base_dir)
-    wanted = {name: to_base.get(name, name) for name in own_names if to_base.get(name, name) in available}
-    tensors = checkpoint.read_tensors(base_dir, list(wanted.values()))
-    result = model.load_state_dict({own: tensors[base] for own, base in wanted.items()}, strict=False)
-    model.tie_weights()
-    untied_missing = [k for k in result.missing_keys if not _is_tied(model, k)]
-    if untied_missing:
-        raise EloError(f"{base_dir} lacks weights for {untied_missing[:3]}; is the checkpoint complete?")
+    small_config = shallow_config(config, layers)
+    skeleton = _skeleton(small_config)
+    prefix, _ = find_decoder_layers(skeleton)
+    to_base = _kept_tensors(skeleton, prefix, layers, checkpoint.tensor_locations(base_dir))
+    state = checkpoint.read_tensors(base_dir, list(to_base.values()))
+    state = {own: state.pop(base) for own, base in to_base.items()}
+    layer_names = layer_key_map(prefix, layers, list(state))
     provenance = {
         "base_model": str(base_dir.resolve()),
         "base_num_layers": n,
@@ -126,14 +146,78 @@ def build_shallow(base_dir: str | Path, layers_spec: str) -> tuple[PreTrainedMod
         "layer_prefix": prefix,
         "base_config": config.to_dict(),
         # The original tensors this shallow model will replace: merging into another base is refused.
-        "replaced_digests": {base: checkpoint.tensor_digest(tensors[base]) for base in to_base.values()},
+        "replaced_digests": {base: checkpoint.tensor_digest(state[own]) for own, base in layer_names.items()},
     }
+    model = _load_into(type(skeleton), small_config, state, base_dir, set(layer_names))
     return model, provenance
 
 
-def _is_tied(model: PreTrainedModel, key: str) -> bool:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    return key in params and any(params[key] is p for k, p in params.items() if k != key)
+def _skeleton(config: PretrainedConfig) -> PreTrainedModel:
+    """The model's module tree with every tensor on the meta device: its class, layer list and tensor names, for free."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config))
+
+
+def _kept_tensors(skeleton: PreTrainedModel, prefix: str, layers: list[int], available: dict[str, Path]) -> dict[str, str]:
+    """Map the shallow model's tensor names to the base checkpoint's: the kept layers renumbered, and the other
+    tensors the model has (embedding, final norm, head), except a head tied to the embedding.
+
+    A kept layer's tensors are taken whole as the checkpoint names them, so that transformers' own conversions
+    (e.g. per-expert MoE tensors fused into one) apply on loading as they would to the full model.
+    """
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$")
+    new_index = {old: new for new, old in enumerate(layers)}
+    tied = set(getattr(skeleton, "all_tied_weights_keys", None) or {})
+    wanted = set(skeleton.state_dict()) - tied
+    mapping = {}
+    for name in available:
+        match = pattern.match(name)
+        if match is None:
+            if name in wanted:
+                mapping[name] = name
+        elif int(match.group(1)) in new_index:
+            mapping[f"{prefix}.{new_index[int(match.group(1))]}.{match.group(2)}"] = name
+    return mapping
+
+
+def _load_into(model_class: type[PreTrainedModel], config: PretrainedConfig, state: dict[str, torch.Tensor], base_dir: Path,
+               layer_names: set[str]) -> PreTrainedModel:
+    """Instantiate `model_class` around tensors already in memory, the way from_pretrained does for a folder.
+
+    from_pretrained builds on the meta device, takes the given tensors as they are, recomputes the buffers that
+    are not saved (rotary frequencies, embedding scales), ties the head and sets the dtype; loading the saved
+    shallow model later goes the same way, so the two cannot differ.
+    """
+    try:
+        model, info = model_class.from_pretrained(
+            None, config=config, state_dict=state, dtype=_dominant_dtype(state.values()), output_loading_info=True
+        )
+    except RuntimeError as err:  # raised after transformers' load report: a tensor of the wrong shape
+        raise EloError(
+            f"the tensors of {base_dir} do not fit its config.json (see the load report above); "
+            "check that the config and the weights belong to the same model"
+        ) from err
+    finally:
+        state.clear()  # the model holds what it needs; anything converted on the way is garbage now
+    missing = sorted(info["missing_keys"])
+    if missing or any(p.is_meta for p in model.parameters()):
+        raise EloError(f"{base_dir} lacks weights for {missing[:3]}; is the checkpoint complete?")
+    unused = sorted(set(info["unexpected_keys"]) & layer_names)
+    if unused:
+        raise EloError(
+            f"the shallow {model_class.__name__} has no place for {unused[:3]} of {base_dir}; "
+            "this architecture's per-layer settings are not supported yet"
+        )
+    return model
+
+
+def _dominant_dtype(tensors) -> torch.dtype:
+    """The floating dtype holding most of the checkpoint's numbers: the dtype the model is built in."""
+    counts: Counter[torch.dtype] = Counter()
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            counts[tensor.dtype] += tensor.numel()
+    return counts.most_common(1)[0][0] if counts else torch.float32
 
 
 def detach(base_dir: str | Path, layers_spec: str, out: str | Path, overwrite: bool = False) -> Path:
@@ -154,37 +238,59 @@ def save_shallow(model: PreTrainedModel, provenance: dict, tokenizer_dir: Path, 
 def merge(base_dir: str | Path, shallow_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write the base model with the shallow model's layers back in their original positions.
 
-    The base shards are streamed one at a time; every tensor that is not a trained layer's is copied
-    bit-identically, and the shard layout, index, config and tokenizer are carried over.
+    Each base shard is copied byte for byte except the trained layers' tensors, which are read one at a time
+    from the shallow model and cast to the base's dtype: peak memory is about one tensor. The shard layout,
+    index, config and tokenizer are carried over.
     """
     base_dir = checkpoint.require_model_dir(base_dir)
     shallow_dir = checkpoint.require_model_dir(shallow_dir)
     provenance = checkpoint.read_provenance(shallow_dir)
-    shallow_names = list(checkpoint.tensor_locations(shallow_dir))
-    to_base = layer_key_map(provenance["layer_prefix"], provenance["layers"], shallow_names)
+    to_base = layer_key_map(provenance["layer_prefix"], provenance["layers"], list(checkpoint.tensor_locations(shallow_dir)))
+    originals = _check_same_base(base_dir, shallow_dir, provenance, set(to_base.values()))
     base_locations = checkpoint.tensor_locations(base_dir)
-    mismatched = [
-        name
-        for name, digest in provenance["replaced_digests"].items()
-        if name not in base_locations or checkpoint.tensor_digest(checkpoint.read_tensors(base_dir, [name])[name]) != digest
-    ]
-    if mismatched:
-        raise EloError(
-            f"{shallow_dir} was detached from {provenance['base_model']}, not from {base_dir} "
-            f"(layer tensor {mismatched[0]} differs); merge into the model it came from"
-        )
-    trained = {base: tensor for base, tensor in zip(to_base.values(), checkpoint.read_tensors(shallow_dir, list(to_base)).values())}
-    with checkpoint.atomic_output(out, overwrite=overwrite) as staging:
+    with checkpoint.tensor_reader(shallow_dir) as read_trained, checkpoint.atomic_output(out, overwrite=overwrite) as staging:
         for shard in checkpoint.safetensors_files(base_dir):
-            with safe_open(shard, framework="pt") as f:
-                metadata = f.metadata()
-                tensors = {}
-                for name in f.keys():
-                    original = f.get_tensor(name)
-                    tensors[name] = trained[name].to(original.dtype).contiguous() if name in trained else original
-            save_file(tensors, staging / shard.name, metadata=metadata)
-            del tensors
+            replacements = {
+                base: functools.partial(_trained_tensor, read_trained, own, *originals[base])
+                for own, base in to_base.items()
+                if base_locations[base] == shard
+            }
+            checkpoint.copy_safetensors(shard, staging / shard.name, replacements)
         if (base_dir / checkpoint.SAFETENSORS_INDEX).is_file():
-            (staging / checkpoint.SAFETENSORS_INDEX).write_bytes((base_dir / checkpoint.SAFETENSORS_INDEX).read_bytes())
+            shutil.copy2(base_dir / checkpoint.SAFETENSORS_INDEX, staging / checkpoint.SAFETENSORS_INDEX)
         checkpoint.copy_side_files(base_dir, staging)
     return Path(out)
+
+
+def _check_same_base(base_dir: Path, shallow_dir: Path, provenance: dict, targets: set[str]) -> dict[str, tuple[torch.dtype, torch.Size]]:
+    """Refuse a base the shallow model was not detached from; return the dtype and shape of each tensor to replace."""
+    digests = provenance["replaced_digests"]
+    unknown = sorted(targets - set(digests))
+    if unknown:
+        raise EloError(f"{shallow_dir} holds layer tensor {unknown[0]}, which its {checkpoint.PROVENANCE} does not list; detach the layers again")
+    present = set(checkpoint.tensor_locations(base_dir))
+    absent = [name for name in digests if name not in present]
+    if absent:
+        raise _another_base(base_dir, shallow_dir, provenance, absent[0])
+    originals = {}
+    # One tensor in memory at a time: the check must not cost what the merge saves.
+    for name, tensor in checkpoint.iter_tensors(base_dir, list(digests)):
+        if checkpoint.tensor_digest(tensor) != digests[name]:
+            raise _another_base(base_dir, shallow_dir, provenance, name)
+        originals[name] = (tensor.dtype, tensor.shape)
+    return originals
+
+
+def _another_base(base_dir: Path, shallow_dir: Path, provenance: dict, tensor: str) -> EloError:
+    return EloError(
+        f"{shallow_dir} was detached from {provenance['base_model']}, not from {base_dir} "
+        f"(layer tensor {tensor} differs); merge into the model it came from"
+    )
+
+
+def _trained_tensor(read: Callable[[str], torch.Tensor], name: str, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    tensor = read(name)
+    if tensor.shape != shape:
+        raise EloError(f"trained tensor {name} has shape {tuple(tensor.shape)}, the base {tuple(shape)}; merge into the model it came from")
+    # Training may run in another precision than the checkpoint's (fp32 on CPU, bf16 on GPU).
+    return tensor.to(dtype)
