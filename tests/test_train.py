@@ -26,6 +26,8 @@ def test_pretrain_trains_only_the_layers(tiny_model, tmp_path, corpora):
     assert changed and all(k.startswith("model.layers.") for k in changed)
     assert not (tmp_path / "stage1.partial").exists() and not (tmp_path / "stage1" / "checkpoints").exists()
     assert (tmp_path / "stage1" / "elo_provenance.json").is_file()
+    assert (tmp_path / "stage1" / "loss.png").stat().st_size > 1000
+    assert list((tmp_path / "stage1" / "logs").glob("events.out.tfevents.*"))  # TensorBoard
 
 
 def test_align_trains_every_parameter(tiny_model, tmp_path, corpora):

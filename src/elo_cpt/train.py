@@ -105,7 +105,9 @@ class EloTrainer(Trainer):
 
     def __init__(self, *args, loss_chunk: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss_chunk = loss_chunk if supports_chunked_loss(self.model, self.args.world_size > 1) else 0
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled  # parameters are not whole tensors there
+        self.lean_checkpoints = not sharded
+        self.loss_chunk = loss_chunk if not sharded and supports_chunked_loss(self.model, self.args.world_size > 1) else 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.loss_chunk:
@@ -123,6 +125,8 @@ class EloTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None):
         # A checkpoint needs only what changes; frozen tensors come back from the model folder on resume
         # (Trainer loads checkpoint weights non-strictly).
+        if not self.lean_checkpoints:
+            return super()._save(output_dir, state_dict)
         output_dir = Path(output_dir or self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         trainable = {n: p.detach().contiguous().cpu() for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
@@ -186,6 +190,22 @@ def training_arguments(cfg: TrainConfig, work_dir: Path, steps: int, seed: int, 
     )
 
 
+def save_loss_plot(losses: list[tuple[int, float]], path: Path) -> None:
+    """The stage's training loss against optimizer steps, as a PNG beside the model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
+    axes.plot([s for s, _ in losses], [loss for _, loss in losses], marker="." if len(losses) < 30 else None)
+    axes.set(xlabel="optimizer step", ylabel="training loss (nats/token)", title=f"{path.parent.name.removesuffix('.partial')}: loss")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
 def last_complete_checkpoint(folder: Path) -> str | None:
     """The newest checkpoint whose files were all written, deleting any a crash left half-written.
 
@@ -215,8 +235,13 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
     args = training_arguments(cfg, work_dir, steps, seed, bf16=model.dtype == torch.bfloat16)
     seq_len = dataset.rows.shape[1]
     tokens_per_step = cfg.batch_size * cfg.grad_accum * max(1, args.world_size) * seq_len
-    trainer = EloTrainer(model=model, args=args, train_dataset=dataset, loss_chunk=cfg.loss_chunk,
-                         callbacks=[TokensPerSecond(tokens_per_step)])
+    callbacks = [TokensPerSecond(tokens_per_step)]
+    if args.process_index == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(work_dir / "logs"))))
+    trainer = EloTrainer(model=model, args=args, train_dataset=dataset, loss_chunk=cfg.loss_chunk, callbacks=callbacks)
     resume = last_complete_checkpoint(Path(args.output_dir))
     if resume:
         print(f"resuming from {resume}", file=sys.stderr)
@@ -224,6 +249,8 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
     losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
+    if args.process_index == 0:
+        save_loss_plot(losses, work_dir / "loss.png")
     return StageStats(
         steps=trainer.state.global_step,
         tokens=min(trainer.state.global_step * tokens_per_step, len(dataset) * seq_len),
