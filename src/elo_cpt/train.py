@@ -30,7 +30,6 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint as recompute
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 from elo_cpt import checkpoint, data, surgery
@@ -73,31 +72,68 @@ class _Passthrough(nn.Module):
         return hidden
 
 
-def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, ignore_index=-100, reduction="sum")
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T`, one chunk of rows at a time.
+
+    The forward pass also computes the gradients (softmax minus one-hot, times the weight or the hidden states),
+    so neither the full logits nor a recomputation is needed: memory holds one chunk x vocab block, and the
+    FLOPs equal those of the unchunked loss.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, targets.numel(), chunk):
+            rows, target = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = (rows @ weight.T).float()
+            valid = target != -100
+            picked = target.clamp(min=0)
+            log_norm = torch.logsumexp(logits, dim=-1)
+            total += ((log_norm - logits.gather(1, picked[:, None]).squeeze(1)) * valid).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            d_logits = torch.exp(logits - log_norm[:, None])
+            d_logits[torch.arange(len(target), device=d_logits.device), picked] -= 1
+            d_logits *= valid[:, None]
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk] = (d_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += d_logits.T @ rows.float()
+        ctx.save_for_backward(
+            grad_hidden if grad_hidden is not None else torch.empty(0),
+            grad_weight.to(weight.dtype) if grad_weight is not None else torch.empty(0),
+        )
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            grad_hidden * grad_output if ctx.needs_input_grad[0] else None,
+            grad_weight * grad_output if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+        )
 
 
 def chunked_lm_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Mean next-token cross-entropy, computing `chunk` positions of logits at a time.
-
-    Each chunk's logits are recomputed in the backward pass instead of kept, so peak memory holds one chunk
-    of batch x seq x vocab rather than all of it.
-    """
+    """Mean next-token cross-entropy of a linear head over `hidden`, `chunk` positions of logits at a time."""
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].reshape(-1)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), chunk):
-        total = total + recompute(_chunk_loss, head, hidden[start : start + chunk], targets[start : start + chunk], use_reentrant=False)
+    total = _LinearCrossEntropy.apply(hidden, head.weight, targets, chunk)
     return total / (targets != -100).sum().clamp(min=1)
 
 
 def supports_chunked_loss(model: PreTrainedModel, distributed: bool) -> bool:
-    """Chunking needs a plain linear head: no logit soft-capping or scaling between head and loss. Under DDP the
+    """Chunking needs a plain linear head without bias, and no logit soft-capping or scaling after it. Under DDP the
     head must be frozen, since it runs outside the wrapped forward and its gradient would not be synchronised."""
     text = model.config.get_text_config()
     plain = getattr(text, "final_logit_softcapping", None) is None and getattr(text, "logit_scale", None) is None
     head = model.get_output_embeddings()
-    return plain and head is not None and not (distributed and head.weight.requires_grad)
+    linear = isinstance(head, nn.Linear) and head.bias is None
+    return plain and linear and not (distributed and head.weight.requires_grad)
 
 
 class EloTrainer(Trainer):
