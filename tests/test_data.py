@@ -29,7 +29,7 @@ def test_read_documents_txt_and_jsonl(tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [(b"", "empty"), (b"  \n\n ", "empty"), (b'{"txt": "a"}\n', "no string field"), (b"{oops\n", "not valid JSON"), (b"\xff\xfe\x00", "not UTF-8")],
+    [(b"", "empty"), (b"  \n\n ", "empty"), (b'{"txt": "a"}\n', "no string field"), (b"{oops\n", "not valid JSON")],
 )
 def test_bad_corpora(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
@@ -92,3 +92,42 @@ def test_single_source_budget_stops_early_and_too_small_is_an_error(tmp_path, to
     assert len(data.load_training_data([str(path)], tokenizer, seq_len=16, n_tokens=64)) == 4
     with pytest.raises(EloError, match="fewer than"):
         data.load_training_data([str(path)], tokenizer, seq_len=16, n_tokens=100_000)
+
+
+def test_invalid_utf8_is_replaced_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("Grüße aus Köln\n\nzweites Dokument".encode("latin-1"))
+    assert data.read_documents(path) == ["Gr\ufffd\ufffde aus K\ufffdln", "zweites Dokument"]
+    assert "3 invalid UTF-8" in capsys.readouterr().err
+
+
+def test_folders_globs_fields_parquet_and_saved_datasets(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("eins\n\nzwei")
+    (folder / "sub" / "b.jsonl").write_text('{"content": "drei"}\n')
+    (folder / "ignored.md").write_text("nicht")
+    with pytest.raises(EloError, match="name the field"):
+        data.read_documents(folder)
+    (folder / "sub" / "b.jsonl").write_text('{"text": "drei"}\n')
+    assert data.read_documents(folder) == ["eins", "zwei", "drei"]
+    assert data.read_source(f"{folder}/**/*.jsonl") == ["drei"]
+    assert data.Source.parse("x.jsonl#content@0.5") == data.Source(data.Path("x.jsonl"), 0.5, "content")
+    (tmp_path / "c.jsonl").write_text('{"content": "vier", "text": 5}\n')
+    assert data.read_source(f"{tmp_path}/c.jsonl#content") == ["vier"]
+    with pytest.raises(EloError, match="no .txt, .jsonl or .parquet file matches"):
+        data.read_source(f"{tmp_path}/*.csv")
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["fünf", "sechs"]}), tmp_path / "d.parquet")
+    assert data.read_source(f"{tmp_path}/d.parquet#body") == ["fünf", "sechs"]
+    with pytest.raises(EloError, match="has no column 'text'"):
+        data.read_documents(tmp_path / "d.parquet")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(EloError, match="cannot read Parquet file"):
+        data.read_documents(tmp_path / "broken.parquet")
+    datasets.Dataset.from_dict({"text": ["sieben", "acht"]}).save_to_disk(str(tmp_path / "saved"))
+    assert data.read_documents(tmp_path / "saved") == ["sieben", "acht"]

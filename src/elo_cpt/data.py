@@ -1,13 +1,22 @@
 """Training text: read corpora, mix sources by byte share, tokenize and pack into fixed-length sequences.
 
-A corpus is a `.jsonl` file (one document per line, in the field `text`) or a `.txt` file (documents separated
-by blank lines). Sources are written `PATH` or `PATH@WEIGHT`; weights are shares of UTF-8 bytes, as in the paper.
+A source is a file, a folder (every .txt, .jsonl and .parquet file under it, in name order), a glob, or a
+Hugging Face dataset folder written by `Dataset.save_to_disk`:
+
+    .txt       documents separated by blank lines
+    .jsonl     one JSON object per line; the document is its `text` field (or another: PATH#FIELD)
+    .parquet   one document per row, in the `text` column (or PATH#FIELD)
+    dataset    a `save_to_disk` folder; the `text` column (or PATH#FIELD)
+
+Sources are written `PATH[#FIELD][@WEIGHT]`; weights are shares of UTF-8 bytes, as in the paper.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,54 +26,121 @@ from torch.utils.data import Dataset
 from elo_cpt.errors import EloError
 
 TEXT_FIELD = "text"
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
 @dataclass(frozen=True)
 class Source:
-    """One corpus and its share of the mixture."""
+    """One corpus, the field its documents are in, and its share of the mixture."""
 
     path: Path
     weight: float = 1.0
+    field: str = TEXT_FIELD
 
     @classmethod
     def parse(cls, spec: str | Source) -> Source:
-        """Parse `PATH` or `PATH@WEIGHT`."""
+        """Parse `PATH[#FIELD][@WEIGHT]`."""
         if isinstance(spec, Source):
             return spec
         path, _, weight = str(spec).rpartition("@") if "@" in str(spec) else (str(spec), "", "1")
+        path, _, field = path.partition("#")
         try:
             value = float(weight)
         except ValueError:
             raise EloError(f"bad data source {spec!r}: the weight after @ must be a number, e.g. corpus.jsonl@0.9") from None
         if value <= 0:
             raise EloError(f"bad data source {spec!r}: the weight must be positive")
-        return cls(Path(path), value)
+        return cls(Path(path), value, field or TEXT_FIELD)
 
 
-def read_documents(path: str | Path) -> list[str]:
-    """All non-empty documents of a corpus file, in file order."""
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
+
+
+def source_files(path: str | Path) -> list[Path]:
+    """The files (or saved dataset folders) a source names, in a stable order."""
     path = Path(path)
-    if not path.is_file():
-        raise EloError(f"corpus {path} does not exist; check the path")
+    if any(ch in str(path) for ch in "*?["):
+        found = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+        files = [p for p in found if p.suffix in FILE_SUFFIXES and p.is_file() or _is_saved_dataset(p)]
+        if not files:
+            raise EloError(f"no .txt, .jsonl or .parquet file matches {path}; check the pattern")
+        return files
+    if _is_saved_dataset(path) or path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
+        if not files:
+            raise EloError(f"folder {path} holds no .txt, .jsonl or .parquet file")
+        return files
+    raise EloError(f"corpus {path} does not exist; check the path")
+
+
+def _read_text(path: Path) -> str:
+    """The file as text; invalid UTF-8 is replaced (with a warning saying how much), not fatal."""
+    raw = path.read_bytes()
     try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise EloError(f"corpus {path} is not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
+        print(f"warning: {path}: {replaced} invalid UTF-8 byte sequence(s) replaced with U+FFFD", file=sys.stderr)
+        return text
+
+
+def _column(path: Path, field: str) -> list:
+    """One column of a Parquet file or a saved Hugging Face dataset."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # pyarrow raises several types for damaged files
+            raise EloError(f"cannot read Parquet file {path}: {str(err).splitlines()[0]}") from None
+        names = table.column_names
+        values = lambda: table.column(field).to_pylist()  # noqa: E731
+    else:
+        import datasets
+
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            raise EloError(f"{path} holds several splits ({', '.join(dataset)}); point at one split's folder")
+        names = dataset.column_names
+        values = lambda: dataset[field]  # noqa: E731
+    if field not in names:
+        raise EloError(f"{path} has no column {field!r} (it has {', '.join(names)}); name it with PATH#COLUMN")
+    return values()
+
+
+def _file_documents(path: Path, field: str) -> list[str]:
     if path.suffix == ".jsonl":
         documents = []
-        for number, line in enumerate(raw.splitlines(), 1):
+        for number, line in enumerate(_read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                raise EloError(f"{path}:{number} is not valid JSON; each line must be an object with a {TEXT_FIELD!r} field") from None
-            if not isinstance(record, dict) or not isinstance(record.get(TEXT_FIELD), str):
-                raise EloError(f"{path}:{number} has no string field {TEXT_FIELD!r}")
-            documents.append(record[TEXT_FIELD])
-    else:
-        documents = re.split(r"\n\s*\n", raw)
-    documents = [d.strip() for d in documents if d.strip()]
+                raise EloError(f"{path}:{number} is not valid JSON; each line must be an object with a {field!r} field") from None
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise EloError(f"{path}:{number} has no string field {field!r}; name the field with PATH#FIELD")
+            documents.append(record[field])
+        return documents
+    if path.suffix == ".parquet" or _is_saved_dataset(path):
+        return [value for value in _column(path, field) if isinstance(value, str)]
+    return re.split(r"\n\s*\n", _read_text(path))
+
+
+def read_source(spec: str | Source) -> list[str]:
+    """The documents of a source written `PATH[#FIELD][@WEIGHT]` (the weight is ignored here)."""
+    source = Source.parse(spec)
+    return read_documents(source.path, source.field)
+
+
+def read_documents(path: str | Path, field: str = TEXT_FIELD) -> list[str]:
+    """All non-empty documents of a source (file, folder, glob or saved dataset), in order."""
+    documents = [d.strip() for file in source_files(path) for d in _file_documents(file, field)]
+    documents = [d for d in documents if d]
     if not documents:
         raise EloError(f"corpus {path} is empty; give it some text")
     return documents
@@ -208,7 +284,7 @@ def load_training_data(sources: list[str | Source], tokenizer, seq_len: int, n_t
     parsed = [Source.parse(s) for s in sources]
     if not parsed:
         raise EloError("no training data given; pass --data PATH (repeatable, PATH@WEIGHT to mix)")
-    corpora = [read_documents(s.path) for s in parsed]
+    corpora = [read_source(s) for s in parsed]
     if n_tokens is None or len(parsed) == 1:
         documents = [d for corpus in corpora for d in corpus]
     else:

@@ -68,7 +68,7 @@ def build_mixtures(cfg: RunConfig) -> tuple[dict[str, list[tuple[str, str]]], di
     weights = [(1 - cfg.data.english_share) / len(cfg.data.target)] * len(cfg.data.target)
     weights += [cfg.data.english_share / len(english)] * len(english) if english else []
     languages = [cfg.target_language] * len(cfg.data.target) + ["en"] * len(english)
-    splits = [data.split_documents(data.read_documents(p), cfg.data.align_holdout) for p in paths]
+    splits = [data.split_documents(data.read_source(p), cfg.data.align_holdout) for p in paths]
     budgets = {"stage1": cfg.stage1.tokens, "align": align_tokens(cfg)}
     mixtures, summary = {}, {}
     for part, (name, tokens) in enumerate(budgets.items()):
