@@ -10,6 +10,7 @@ The Python API mirrors the `elo` command one to one:
     elo finetune  -> finetune(model, data, out, ..., method=fft|freeze|lora)
     elo eval      -> evaluate(model, {lang: path}, ...)
     elo assets    -> prepare_assets()
+    elo bench     -> bench(model_or_shape, methods, ...)
 """
 
 from importlib import import_module
@@ -28,6 +29,7 @@ _API = {
     "align": ("elo_cpt.train", "align"),
     "finetune": ("elo_cpt.train", "finetune"),
     "pretrain": ("elo_cpt.train", "pretrain"),
+    "bench": ("elo_cpt.bench", "bench"),
 }
 
 __all__ = ["EloError", *_API]

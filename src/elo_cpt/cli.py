@@ -71,6 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the results to this JSON file")
 
     sub.add_parser("assets", help="prepare and cache the default model and corpora; print where they are")
+
+    bench = sub.add_parser("bench", help="tokens/s and peak memory per training step of each method, next to the cost model")
+    bench.add_argument("model", help="model folder, or a named shape with random weights: smollm2-135m, llama-3.2-1b, llama-3.1-8b, mistral-7b, qwen2-7b")
+    bench.add_argument("--methods", default="elo,freeze,lora,fft,align", help="comma-separated: elo,freeze,lora,fft,align,elo-logits (default: the first five)")
+    bench.add_argument("--batch", type=int, default=4)
+    bench.add_argument("--seq", type=int, default=256)
+    bench.add_argument("--steps", type=int, default=3, help="timed steps per method (default 3)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    bench.add_argument("--layers", default="0,-1", help="layers ELO and freeze train (default 0,-1)")
+    bench.add_argument("--loss-chunk", type=int, default=1024, help="positions per chunk of the vocabulary loss; 0: full logits")
+    bench.add_argument("--lora-rank", type=int, default=16)
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    bench.add_argument("--force", action="store_true", help="run methods even where the memory estimate exceeds what is available")
+    bench.add_argument("--json", help="write the results to this JSON file")
     return parser
 
 
@@ -114,6 +128,9 @@ def dispatch(args: argparse.Namespace) -> None:
             print(f"{lang}\t{result['bits_per_char']:.4f} bits/char\t{result['bits_per_byte']:.4f} bits/byte\t{result['chars']} chars")
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    elif args.command == "bench":
+        api.bench(args.model, args.methods, args.batch, args.seq, args.steps, args.warmup, args.layers, args.loss_chunk,
+                  args.lora_rank, args.dtype, args.json, args.force)
     elif args.command == "assets":
         found = api.prepare_assets()
         for name in ("root", "model", "train_target", "train_english", "eval_target", "eval_english", "manifest"):

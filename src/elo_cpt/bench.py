@@ -1,0 +1,298 @@
+"""`elo bench`: tokens/s and peak memory of one training step per method, next to the cost model's bound.
+
+Each method runs in a fresh subprocess (so peaks do not mix) that builds its model, runs `warmup` steps, then
+times `steps` steps of the same computation training does: forward, the vocabulary loss in chunks (as
+`EloTrainer` does when `loss_chunk` > 0), backward, gradient clipping, AdamW on the trainable parameters only.
+Peak memory is the process's VmHWM on CPU (including the Python/torch runtime, reported separately as
+`baseline_rss_bytes`), CUDA max_memory_allocated on GPU.
+
+Methods: elo (the shallow model: embedding, the selected layers, norm, head; only the layers train), freeze (the
+selected layers train, the whole model is computed), lora (rank-16 adapters on every linear layer), fft (every
+parameter), align (fft of the full model: the same computation as fft, its own row), and elo-logits (elo with the
+full logits, loss_chunk=0, to show what the chunked loss saves).
+A method whose estimated memory exceeds the machine's is not run; its row carries the estimate, flagged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from elo_cpt import costmodel
+from elo_cpt.errors import EloError
+
+METHODS = ("elo", "freeze", "lora", "fft", "align", "elo-logits")
+
+#: Published sizes of common models, built with random weights (model_type, config).
+SHAPES = {
+    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                   num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+                                   max_position_embeddings=8192)),
+    "llama-3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                                   num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                                   rope_theta=500000.0, max_position_embeddings=131072)),
+    "llama-3.1-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                   num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                                   rope_theta=500000.0, max_position_embeddings=131072)),
+    "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                   num_key_value_heads=8, head_dim=128, vocab_size=32768, tie_word_embeddings=False,
+                                   rope_theta=1000000.0, sliding_window=None, max_position_embeddings=32768)),
+    "qwen2-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, rope_theta=1000000.0,
+                               max_position_embeddings=32768)),
+}
+
+
+def _normalise(name: str) -> str:
+    return name.lower().replace("_", "-").removesuffix("-instruct")
+
+
+def load_config(model: str):
+    """The config of a model folder, or of a named shape (case-insensitive, e.g. Llama-3.1-8B)."""
+    from transformers import AutoConfig
+
+    if Path(model).is_dir():
+        return AutoConfig.from_pretrained(model)
+    if _normalise(model) in SHAPES:
+        model_type, settings = SHAPES[_normalise(model)]
+        return AutoConfig.for_model(model_type, **settings)
+    raise EloError(f"{model!r} is neither a model folder nor a known shape; use a folder or one of {', '.join(SHAPES)}")
+
+
+def build_model(model: str, method: str, layers: list[int], lora_rank: int, dtype):
+    """The model one method trains, with requires_grad set as training sets it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from elo_cpt import checkpoint, surgery, train
+
+    folder = Path(model).is_dir()
+    config = load_config(model)
+    spec = ",".join(map(str, layers))
+    if method.startswith("elo"):
+        if folder:
+            shallow, _ = surgery.build_shallow(model, spec)
+        else:  # only the shallow model is ever built: 2 layers of an 8B shape, not 32
+            shallow = AutoModelForCausalLM.from_config(surgery.shallow_config(config, layers), dtype=dtype)
+        net = shallow.to(dtype)
+        train.train_only_layers(net)
+        return net
+    net = checkpoint.load_model(model).to(dtype) if folder else AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if method == "freeze":
+        train.train_only_layers(net, layers)
+    elif method == "lora":
+        net = train._with_lora(net, lora_rank)
+    else:
+        net.requires_grad_(True)
+    return net
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure(model: str, method: str, layers: list[int], batch: int, seq: int, steps: int, warmup: int,
+            loss_chunk: int, lora_rank: int, dtype_name: str, seed: int = 0) -> dict:
+    """Time `steps` training steps of one method in this process; return tokens/s and peak memory."""
+    import torch
+
+    from elo_cpt import train
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, dtype_name)
+    baseline = _status_bytes("VmRSS")
+    torch.manual_seed(seed)
+    build_start = time.perf_counter()
+    net = build_model(model, method, layers, lora_rank, dtype).to(device)
+    build_seconds = time.perf_counter() - build_start
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    chunk = 0 if method == "elo-logits" else loss_chunk
+    chunk = chunk if chunk and train.supports_chunked_loss(net, distributed=False) else 0
+    vocab = net.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(seed)
+
+    def step() -> float:
+        ids = torch.randint(vocab, (batch, seq), generator=generator).to(device)
+        if chunk:  # as EloTrainer.compute_loss: the model returns hidden states, the head runs in the loss
+            head = net.get_output_embeddings()
+            net.set_output_embeddings(train._Passthrough())
+            try:
+                hidden = net(input_ids=ids).logits
+            finally:
+                net.set_output_embeddings(head)
+            loss = train.chunked_lm_loss(head, hidden, ids, chunk)
+        else:
+            loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {
+        "tokens_per_s": batch * seq * steps / sum(times),
+        "step_seconds": times,
+        "median_step_s": statistics.median(times),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM"),
+        "memory_kind": "cuda max_memory_allocated" if cuda else "process VmHWM (RSS peak)",
+        "baseline_rss_bytes": baseline,
+        "build_seconds": build_seconds,
+        "trainable_params": sum(p.numel() for p in params),
+        "loss_chunk": chunk,
+        "device": str(device),
+    }
+
+
+def _available_bytes() -> int:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.mem_get_info()[0]
+    except ImportError:
+        pass
+    return _status_bytes_meminfo("MemAvailable")
+
+
+def _status_bytes_meminfo(field: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def bench(model: str, methods: list[str] | str = "elo,freeze,lora,fft,align", batch: int = 4, seq: int = 256,
+          steps: int = 3, warmup: int = 1, layers: str = "0,-1", loss_chunk: int = 1024, lora_rank: int = 16,
+          dtype: str = "float32", json_path: str | Path | None = None, force: bool = False) -> dict:
+    """Benchmark each method in a fresh subprocess; return (and optionally write) the results with the cost model."""
+    from elo_cpt import surgery
+
+    methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise EloError(f"unknown method {unknown[0]!r}; use some of {', '.join(METHODS)}")
+    if min(batch, seq, steps) < 1 or warmup < 0 or seq < 2:
+        raise EloError("--batch, --steps must be >= 1, --seq >= 2 and --warmup >= 0")
+    config = load_config(model)
+    shape = costmodel.Shape.from_config(config)
+    absolute = surgery.resolve_layers(layers, shape.num_layers)
+    dtype_bytes = 2 if dtype in ("bfloat16", "float16") else 4
+    available = _available_bytes()
+    rows = {}
+    for method in methods:
+        cost_method = "elo" if method == "elo-logits" else method
+        cost = costmodel.step_cost(shape, cost_method, absolute, lora_rank)
+        chunk = 0 if method == "elo-logits" else loss_chunk
+        estimate = costmodel.estimate_memory_bytes(shape, cost_method, absolute, batch, seq, chunk, lora_rank, dtype_bytes)
+        row = {"flops_per_token": cost.flops_per_token, "forward_flops_per_token": cost.forward_flops,
+               "trainable_params": cost.trainable_params, "estimated_memory_bytes": estimate["total"],
+               "estimated_memory_breakdown": estimate, "measured": False}
+        if estimate["total"] > available and not force:
+            row.update(peak_memory_bytes=estimate["total"], peak_memory_estimated=True, tokens_per_s=None,
+                       note=f"not run: estimated {estimate['total'] / 2**30:.1f} GiB exceeds the {available / 2**30:.1f} GiB available")
+            print(f"[bench] {method}: {row['note']}", file=sys.stderr)
+        else:
+            print(f"[bench] {method}: running {warmup} warm-up + {steps} timed steps ...", file=sys.stderr, flush=True)
+            args = dict(model=str(model), method=method, layers=absolute, batch=batch, seq=seq, steps=steps, warmup=warmup,
+                        loss_chunk=loss_chunk, lora_rank=lora_rank, dtype_name=dtype)
+            row.update(_run_isolated(args), measured=True, peak_memory_estimated=False)
+        rows[method] = row
+    result = {
+        "model": str(model), "shape": shape.__dict__, "layers": absolute, "batch": batch, "seq": seq, "steps": steps,
+        "warmup": warmup, "loss_chunk": loss_chunk, "lora_rank": lora_rank, "dtype": dtype,
+        "machine": _machine(), "methods": rows,
+    }
+    _add_ratios(result, shape, absolute, lora_rank)
+    print(format_table(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _run_isolated(args: dict) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "elo_cpt.bench", json.dumps(args)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise EloError(f"benchmark of {args['method']} failed (exit {proc.returncode}): {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _add_ratios(result: dict, shape: costmodel.Shape, layers: list[int], lora_rank: int) -> None:
+    rows = result["methods"]
+    fft_flops = costmodel.step_cost(shape, "fft", layers, lora_rank).flops_per_token
+    fft = rows.get("fft") or rows.get("align")
+    fft_rate = fft.get("tokens_per_s") if fft else None
+    for row in rows.values():
+        row["bound_speedup_vs_fft"] = fft_flops / row["flops_per_token"]
+        rate = row.get("tokens_per_s")
+        row["measured_speedup_vs_fft"] = rate / fft_rate if rate and fft_rate else None
+        row["efficiency"] = row["measured_speedup_vs_fft"] / row["bound_speedup_vs_fft"] if row["measured_speedup_vs_fft"] else None
+    elo_flops = costmodel.step_cost(shape, "elo", layers, lora_rank).flops_per_token
+    pipeline = {"stage1_share": 0.9, "bound_speedup_vs_fft": costmodel.pipeline_speedup(1 / elo_flops, 1 / fft_flops, 1 / fft_flops)}
+    align = rows.get("align") or rows.get("fft")
+    if rows.get("elo", {}).get("tokens_per_s") and fft_rate and align and align.get("tokens_per_s"):
+        pipeline["measured_speedup_vs_fft"] = costmodel.pipeline_speedup(rows["elo"]["tokens_per_s"], align["tokens_per_s"], fft_rate)
+    else:
+        pipeline["measured_speedup_vs_fft"] = None
+    result["pipeline_9_1"] = pipeline
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _fmt(value, spec: str, scale: float = 1.0, missing: str = "-") -> str:
+    return missing if value is None else format(value / scale, spec)
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['model']}  batch {result['batch']} x seq {result['seq']}, {result['steps']} timed steps after "
+             f"{result['warmup']} warm-up, layers {result['layers']}, loss chunk {result['loss_chunk']}, {result['dtype']}",
+             f"{'method':<11} {'tokens/s':>9} {'peak mem':>11} {'trainable':>12} {'GFLOP/tok':>9} {'bound':>6} {'measured':>8} {'effic.':>6}"]
+    for name, row in result["methods"].items():
+        memory = _fmt(row["peak_memory_bytes"], ".2f", 2**30) + (" GiB*" if row.get("peak_memory_estimated") else " GiB ")
+        lines.append(f"{name:<11} {_fmt(row.get('tokens_per_s'), '.1f'):>9} {memory:>11} {row['trainable_params']:>12,} "
+                     f"{row['flops_per_token'] / 1e9:>9.3f} {row['bound_speedup_vs_fft']:>5.2f}x "
+                     f"{_fmt(row['measured_speedup_vs_fft'], '.2f'):>7}x {_fmt(row['efficiency'], '.2f'):>6}")
+    pipe = result["pipeline_9_1"]
+    lines.append(f"pipeline at 9:1 (stage 1 on 0.9 T + alignment on 0.1 T vs fft on T): bound {pipe['bound_speedup_vs_fft']:.2f}x, "
+                 f"measured {_fmt(pipe['measured_speedup_vs_fft'], '.2f')}x")
+    if any(row.get("peak_memory_estimated") for row in result["methods"].values()):
+        lines.append("* estimated, not run (weights + 12 bytes/trainable parameter + activations + logits)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # worker: one method in a fresh process, result as one JSON line on stdout
+    print(json.dumps(measure(**json.loads(sys.argv[1]))))

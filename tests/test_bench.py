@@ -1,0 +1,95 @@
+"""`elo bench` and its cost model: method.md's FLOP figures, and a CLI smoke run on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from elo_cpt import costmodel
+from elo_cpt.errors import EloError
+
+LLAMA_8B = costmodel.Shape(num_layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256, tied=False)
+SMOLLM2 = costmodel.Shape(num_layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, head_dim=64, vocab=49152, tied=True)
+
+
+def gflops(shape, method, layers):
+    return costmodel.step_cost(shape, method, layers).flops_per_token / 1e9
+
+
+def test_shapes_match_published_sizes():
+    assert LLAMA_8B.layer_params == pytest.approx(218e6, rel=0.01)
+    assert LLAMA_8B.head_params == pytest.approx(525e6, rel=0.01)
+    assert LLAMA_8B.total_params() == pytest.approx(8.03e9, rel=0.01)
+    assert SMOLLM2.layer_params == pytest.approx(3.5e6, rel=0.02)
+    assert SMOLLM2.total_params() == 134_515_008  # SmolLM2-135M's exact parameter count
+
+
+@pytest.mark.parametrize("method, expected", [("fft", 45), ("align", 45), ("freeze", 31), ("lora", 30), ("elo", 4.7)])
+def test_llama_8b_flops_match_method_md(method, expected):
+    assert gflops(LLAMA_8B, method, [0, 31]) == pytest.approx(expected, rel=0.1)
+
+
+def test_stage1_bounds_match_method_md():
+    assert gflops(LLAMA_8B, "fft", [0, 31]) / gflops(LLAMA_8B, "elo", [0, 31]) == pytest.approx(9.5, rel=0.1)
+    assert gflops(SMOLLM2, "fft", [0, 29]) / gflops(SMOLLM2, "elo", [0, 29]) == pytest.approx(5.0, rel=0.1)
+
+
+def test_cost_model_rules():
+    # freezing the first layer is the worst case: gradients flow through everything above it
+    assert gflops(LLAMA_8B, "freeze", [0]) > gflops(LLAMA_8B, "freeze", [31])
+    # the pipeline bound at 9:1 lies between stage 1's bound and 1
+    elo, fft = gflops(LLAMA_8B, "elo", [0, 31]), gflops(LLAMA_8B, "fft", [0, 31])
+    assert 1 < costmodel.pipeline_speedup(1 / elo, 1 / fft, 1 / fft) < fft / elo
+    with pytest.raises(EloError):
+        costmodel.step_cost(LLAMA_8B, "sgd", [0])
+
+
+def test_fft_memory_of_8b_exceeds_this_machine():
+    estimate = costmodel.estimate_memory_bytes(LLAMA_8B, "fft", [0, 31], batch=1, seq=256)
+    assert estimate["total"] > 24 * 2**30
+    assert estimate["grads_and_optimizer"] == LLAMA_8B.total_params() * 12
+
+
+def test_named_shapes_cost_nothing_to_describe():
+    from elo_cpt import bench
+
+    for name in bench.SHAPES:
+        shape = costmodel.Shape.from_config(bench.load_config(name))
+        assert shape.num_layers >= 16
+    assert costmodel.Shape.from_config(bench.load_config("Llama-3.1-8B")) == LLAMA_8B
+    assert costmodel.Shape.from_config(bench.load_config("SmolLM2-135M")) == SMOLLM2
+
+
+def test_bench_cli_smoke(tiny_model, tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "elo_cpt.cli", "bench", str(tiny_model), "--methods", "elo,fft",
+                             "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0", "--json", str(out)],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "pipeline at 9:1" in result.stdout
+    report = json.loads(out.read_text())
+    assert set(report["methods"]) == {"elo", "fft"}
+    for row in report["methods"].values():
+        for key in ("tokens_per_s", "peak_memory_bytes", "trainable_params", "flops_per_token", "bound_speedup_vs_fft",
+                    "measured_speedup_vs_fft", "efficiency"):
+            assert row[key] is not None and row[key] > 0, key
+        assert row["measured"] and not row["peak_memory_estimated"]
+    elo, fft = report["methods"]["elo"], report["methods"]["fft"]
+    assert elo["trainable_params"] < fft["trainable_params"]
+    assert elo["bound_speedup_vs_fft"] > 1 and fft["bound_speedup_vs_fft"] == 1
+    assert fft["measured_speedup_vs_fft"] == 1
+    assert report["pipeline_9_1"]["bound_speedup_vs_fft"] > 1 and report["pipeline_9_1"]["measured_speedup_vs_fft"] > 0
+
+
+def test_bench_rejects_unknown_input(tiny_model):
+    from elo_cpt import bench
+
+    with pytest.raises(EloError, match="unknown method"):
+        bench.bench(str(tiny_model), "elo,sgd")
+    with pytest.raises(EloError, match="known shape"):
+        bench.bench("no-such-model", "elo")
