@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark of docs/benchmarks.md on a GPU machine, in one go (budget: under 8 minutes on one H100/H200).
-# Run from the repository root after `bash setup.sh` (a CUDA build of torch is needed there:
-# `.venv/bin/pip install torch==2.13.0 --index-url <your CUDA wheel index>` where the machine has no CPU-only pin).
+# Run from the repository root after `bash setup.sh` (PyPI's torch 2.13.0 wheel for Linux is a CUDA build;
+# check with `.venv/bin/python -c "import torch; print(torch.cuda.is_available())"`).
 # Results land in ${OUT:-bench-gpu}/ as JSON plus the printed tables.
 set -euo pipefail
 OUT=${OUT:-bench-gpu}
