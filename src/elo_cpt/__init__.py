@@ -8,7 +8,8 @@ The Python API mirrors the `elo` command one to one:
     elo merge     -> merge(base, shallow, out)
     elo align     -> align(model, data, out, ...)
     elo finetune  -> finetune(model, data, out, ..., method=fft|freeze|lora)
-    elo eval      -> evaluate(model, {lang: path}, ...)
+    elo eval      -> evaluate(model, {lang: path}, ...) and evaluate_tasks(model, "task1,task2", ...)
+    elo report    -> write_report(run_dir)
     elo assets    -> prepare_assets()
     elo bench     -> bench(model_or_shape, methods, ...)
 """
@@ -23,6 +24,8 @@ _API = {
     "describe_config": ("elo_cpt.config", "describe"),
     "load_config": ("elo_cpt.config", "load_config"),
     "evaluate": ("elo_cpt.evaluation", "evaluate"),
+    "evaluate_tasks": ("elo_cpt.lmeval", "evaluate_tasks"),
+    "write_report": ("elo_cpt.report", "write_report"),
     "run": ("elo_cpt.pipeline", "run"),
     "detach": ("elo_cpt.surgery", "detach"),
     "merge": ("elo_cpt.surgery", "merge"),

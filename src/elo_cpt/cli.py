@@ -63,12 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--lora-rank", type=int, default=16)
     _add_training_options(finetune, lr=5e-5)
 
-    ev = sub.add_parser("eval", help="bits per character of a model on held-out text, per language")
-    ev.add_argument("model")
-    ev.add_argument("--text", action="append", default=[], metavar="LANG=PATH", required=True)
+    ev = sub.add_parser("eval", help="bits per character on held-out text per language, and lm-evaluation-harness tasks")
+    ev.add_argument("model", help="Hugging Face model folder (safetensors)")
+    ev.add_argument("--text", action="append", default=[], metavar="LANG=PATH", help="held-out text for bits/char; repeat per language")
+    ev.add_argument("--tasks", default="", metavar="A,B", help="lm-eval tasks, groups or tags, e.g. kobest_copa,mmlu")
+    ev.add_argument("--include-path", metavar="DIR", help="folder of extra lm-eval task YAML files (local tasks)")
+    ev.add_argument("--limit", type=int, help="at most this many examples per lm-eval task (quick checks)")
+    ev.add_argument("--num-fewshot", type=int, help="few-shot examples per lm-eval prompt (default: each task's own)")
+    ev.add_argument("--batch-size", type=int, default=8, help="windows or lm-eval requests at once (default 8)")
     ev.add_argument("--seq-len", type=int, default=256)
     ev.add_argument("--max-chars", type=int, default=0, help="use at most this many characters per text (default all)")
-    ev.add_argument("--json", help="also write the results to this JSON file")
+    ev.add_argument("--json", help="also write the results to this JSON file: {bits_per_char: {lang: ...}, lm_eval: {task: ...}}")
+
+    rep = sub.add_parser("report", help="write report.html and report.md for a finished run folder")
+    rep.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of an `elo run`")
 
     sub.add_parser("assets", help="prepare and cache the default model and corpora; print where they are")
 
@@ -96,6 +104,35 @@ def _train_config(args: argparse.Namespace):
                        gradient_checkpointing=args.gradient_checkpointing, lora_rank=getattr(args, "lora_rank", 16))
 
 
+def _eval(args: argparse.Namespace, api) -> None:
+    """Bits/char and lm-eval tasks on one loaded model: the folder is read once for both."""
+    from elo_cpt.evaluation import load_for_eval, parse_texts
+    from elo_cpt.lmeval import parse_tasks, task_manager
+
+    texts, tasks = parse_texts(args.text), parse_tasks(args.tasks)
+    if not texts and not tasks:
+        raise EloError("nothing to evaluate; pass --text LANG=PATH (bits/char) and/or --tasks A,B (lm-eval)")
+    # A typo in a task name fails here, before the model is loaded.
+    manager = task_manager(tasks, args.include_path) if tasks else None
+    model, tokenizer = load_for_eval(args.model)
+    results: dict = {}
+    if texts:
+        results["bits_per_char"] = api.evaluate(model, texts, tokenizer, seq_len=args.seq_len, max_chars=args.max_chars,
+                                                batch_size=args.batch_size)
+        for lang, result in results["bits_per_char"].items():
+            print(f"{lang}\t{result['bits_per_char']:.4f} bits/char\t{result['bits_per_byte']:.4f} bits/byte\t{result['chars']} chars")
+    if tasks:
+        results["lm_eval"] = api.evaluate_tasks(model, tasks, tokenizer, include_path=args.include_path, limit=args.limit,
+                                                batch_size=args.batch_size, num_fewshot=args.num_fewshot, manager=manager)
+        for task, scored in results["lm_eval"].items():
+            for metric, value in scored["metrics"].items():
+                stderr = scored["stderr"].get(metric)
+                shown = "n/a" if value is None else f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+                print(f"{task}\t{metric}\t{shown}\t{scored['samples'] or ''} examples".rstrip())
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+
+
 def dispatch(args: argparse.Namespace) -> None:
     import elo_cpt as api
 
@@ -121,13 +158,10 @@ def dispatch(args: argparse.Namespace) -> None:
         stats = api.finetune(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.method, args.layers)
         print(f"trained {stats.tokens:,} tokens in {stats.seconds:.0f} s; final loss {stats.final_loss}; saved {args.out}")
     elif args.command == "eval":
-        from elo_cpt.evaluation import parse_texts
-
-        results = api.evaluate(args.model, parse_texts(args.text), seq_len=args.seq_len, max_chars=args.max_chars)
-        for lang, result in results.items():
-            print(f"{lang}\t{result['bits_per_char']:.4f} bits/char\t{result['bits_per_byte']:.4f} bits/byte\t{result['chars']} chars")
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        _eval(args, api)
+    elif args.command == "report":
+        html_path, md_path = api.write_report(args.run_dir)
+        print(f"{html_path}\n{md_path}")
     elif args.command == "bench":
         api.bench(args.model, args.methods, args.batch, args.seq, args.steps, args.warmup, args.layers, args.loss_chunk,
                   args.lora_rank, args.dtype, args.json, args.force)

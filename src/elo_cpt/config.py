@@ -93,7 +93,19 @@ class EvalConfig:
     max_chars: int = 20_000
     """Characters of each evaluation text used (cut at a paragraph boundary); 0 means all of it."""
     batch_size: int = 8
-    """Windows evaluated at once."""
+    """Windows evaluated at once (also lm-eval's batch size)."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks, groups or tags run on the base and final models, e.g. [kobest_copa, mmlu]; empty runs none."""
+    include_path: str | None = None
+    """Folder of extra lm-eval task YAML files (local tasks), as `lm_eval --include_path`."""
+    limit: int | None = None
+    """At most this many examples per lm-eval task (quick checks; scores on a subset); None runs them all."""
+    prompts: dict[str, list[str]] = field(default_factory=dict)
+    """Generation-sample prompts per language, e.g. {ko: ["서울은"]}; de and en have built-in prompts, other languages get none."""
+    sample_tokens: int = 40
+    """New tokens generated greedily per sample prompt for base, merged and final; 0 turns samples off."""
+    english_tolerance_pct: float = 1.0
+    """The report flags English bits/char of the final model worse than the base's by more than this many percent."""
 
 
 @dataclass

@@ -84,6 +84,15 @@ def parse_texts(specs: list[str]) -> dict[str, Path]:
     return texts
 
 
+def load_for_eval(path: str | Path, tokenizer=None) -> tuple[PreTrainedModel, object]:
+    """A model folder loaded for evaluation (safetensors only), on the GPU when there is one, and its tokenizer."""
+    path = checkpoint.require_model_dir(path)
+    model = checkpoint.load_model(path)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model.eval(), tokenizer or checkpoint.load_tokenizer(path)
+
+
 def evaluate(
     model: str | Path | PreTrainedModel,
     texts: dict[str, str | Path],
@@ -97,8 +106,7 @@ def evaluate(
         raise EloError("no evaluation text given; pass --text LANG=PATH")
     loaded = {lang: read_eval_text(path, max_chars) for lang, path in texts.items()}
     if not isinstance(model, PreTrainedModel):
-        path = checkpoint.require_model_dir(model)
-        model, tokenizer = checkpoint.load_model(path), tokenizer or checkpoint.load_tokenizer(path)
+        model, tokenizer = load_for_eval(model, tokenizer)
     if tokenizer is None:
         raise EloError("evaluating an in-memory model needs its tokenizer")
     return {lang: bits_per_char(model, tokenizer, text, seq_len, batch_size, desc=f"eval {lang}") for lang, text in loaded.items()}

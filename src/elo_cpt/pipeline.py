@@ -5,9 +5,11 @@
     OUT/stages/stage1/       the trained shallow model (a Hugging Face folder plus provenance)
     OUT/stages/merged/       the base model with the trained layers written back
     OUT/model/               the final, aligned model: a standard Hugging Face folder
-    OUT/eval/                bits/char per language of the base, merged and final models
+    OUT/eval/                bits/char per language, generation samples and lm-eval scores of the base, merged and
+                             final models (one JSON file each, so a resumed run skips what it has)
     OUT/timings.json         wall-clock seconds per step
     OUT/metrics.json         all of the above in one file: bits/char per model, time and tokens per stage
+    OUT/report.html, .md     the run report: gain, forgetting, cost, loss curves, samples, config (see report.py)
 
 Every step writes its output atomically; rerunning the same command after an interruption skips finished
 steps and resumes training from its last checkpoint.
@@ -16,6 +18,7 @@ steps and resumes training from its last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import shutil
 import sys
@@ -27,7 +30,7 @@ from pathlib import Path
 import yaml
 from transformers import AutoConfig
 
-from elo_cpt import assets, checkpoint, config as config_mod, data, evaluation, report, surgery, train
+from elo_cpt import assets, checkpoint, config as config_mod, data, evaluation, lmeval, report, samples, surgery, train
 from elo_cpt.config import RunConfig
 from elo_cpt.errors import EloError
 
@@ -126,6 +129,8 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
             log(f"{out} is already complete")
             metrics = json.loads(metrics_path.read_text())
             print(report.summary(metrics))
+            if not (out / report.HTML_FILE).is_file():
+                print_report(out)
             return metrics
         log(f"resuming the run in {out}")
     elif out.exists() and any(out.iterdir()):
@@ -134,6 +139,7 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
     surgery.resolve_layers(cfg.layers, surgery.num_layers(AutoConfig.from_pretrained(cfg.model)))
     for path in cfg.data.eval.values():
         evaluation.read_eval_text(path)
+    task_manager = check_eval_settings(cfg)
     data_dir = out / "data"
     mixtures = None
     if not (data_dir / "summary.json").is_file():
@@ -174,17 +180,12 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
                 with checkpoint.atomic_output(model_dir) as staging:
                     shutil.copytree(merged, staging, dirs_exist_ok=True)
 
-    log("[6/6] evaluating bits/char on held-out text")
-    results = {}
+    log("[6/6] evaluating: bits/char on held-out text, generation samples" + (", lm-eval tasks" if cfg.eval.tasks else ""))
+    results, samples_out, benchmarks = {}, {}, {}
     for name, path in (("base", cfg.model), ("merged", merged), ("final", model_dir)):
-        cached = out / "eval" / f"{name}.json"
-        if not cached.is_file():
-            cached.parent.mkdir(exist_ok=True)
-            log(f"  evaluating the {report.MODEL_LABELS[name]}")
-            with timings.step(f"eval {name}"):
-                result = evaluation.evaluate(path, cfg.data.eval, seq_len=cfg.seq_len, max_chars=cfg.eval.max_chars, batch_size=cfg.eval.batch_size)
-            checkpoint.write_json(cached, result)
-        results[name] = json.loads(cached.read_text())
+        results[name], samples_out[name], scored = evaluate_model(cfg, name, path, out / "eval", timings, task_manager)
+        if scored is not None:
+            benchmarks[name] = scored
     stages = {name: {"seconds": seconds} for name, seconds in timings.seconds.items()}
     for name, folder in (("stage1", stage1), ("align", model_dir)):
         if (folder / train.STATS_FILE).is_file():
@@ -194,9 +195,63 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
         "data": data_summary,
         "stages": stages,
         "eval": results,
+        "samples": {name: found for name, found in samples_out.items() if found},
+        **({"lm_eval": benchmarks} if benchmarks else {}),
         "total_seconds": round(sum(timings.seconds.values()), 1),
         "this_invocation_seconds": round(time.perf_counter() - started, 1),
     }
+    metrics["forgetting"] = report.forgetting(metrics)
     checkpoint.write_json(metrics_path, metrics)
     print(report.summary(metrics))
+    print_report(out)
     return metrics
+
+
+def evaluate_model(
+    cfg: RunConfig, name: str, path: Path | str, eval_dir: Path, timings: Timings, task_manager: lmeval.TaskManager | None
+) -> tuple[dict, dict, dict | None]:
+    """Bits/char, generation samples and (base and final only) lm-eval scores of one model, each cached in `eval_dir`.
+
+    The model is loaded once for all of them, and only when something is missing.
+    """
+    eval_dir.mkdir(exist_ok=True)
+    bits, sampled, scored = (eval_dir / f"{name}{suffix}.json" for suffix in ("", ".samples", ".lm_eval"))
+    wanted_prompts = samples.prompts_for([cfg.target_language, *cfg.data.eval], cfg.eval.prompts) if cfg.eval.sample_tokens else {}
+    benchmark = task_manager is not None and name in ("base", "final")
+    missing = [f for f in (bits, sampled) if not f.is_file()] + ([scored] if benchmark and not scored.is_file() else [])
+    if missing:
+        log(f"  evaluating the {report.MODEL_LABELS[name]}")
+        model, tokenizer = evaluation.load_for_eval(path)
+        if bits in missing or sampled in missing:
+            with timings.step(f"eval {name}"):
+                if bits in missing:
+                    result = evaluation.evaluate(model, cfg.data.eval, tokenizer, seq_len=cfg.seq_len, max_chars=cfg.eval.max_chars,
+                                                 batch_size=cfg.eval.batch_size)
+                    checkpoint.write_json(bits, result)
+                if sampled in missing:
+                    checkpoint.write_json(sampled, samples.generate_samples(model, tokenizer, wanted_prompts, cfg.eval.sample_tokens))
+        if scored in missing:
+            log(f"  lm-eval {', '.join(cfg.eval.tasks)} on the {report.MODEL_LABELS[name]}")
+            with timings.step(f"lm-eval {name}"):
+                raw = lmeval.run_lm_eval(model, tokenizer, cfg.eval.tasks, task_manager, cfg.eval.limit, cfg.eval.batch_size)
+                checkpoint.write_json(scored, lmeval.compact_results(raw))
+        del model
+        gc.collect()
+    loaded = [json.loads(f.read_text()) for f in (bits, sampled)]
+    return loaded[0], loaded[1], json.loads(scored.read_text()) if benchmark else None
+
+
+def check_eval_settings(cfg: RunConfig) -> lmeval.TaskManager | None:
+    """Reject bad evaluation settings before anything is trained; the lm-eval task manager when tasks are named."""
+    if cfg.eval.sample_tokens < 0:
+        raise EloError("eval.sample_tokens must be >= 0 (0 turns generation samples off)")
+    if cfg.eval.limit is not None and cfg.eval.limit < 1:
+        raise EloError("eval.limit must be at least 1, or empty to run every example")
+    if cfg.eval.english_tolerance_pct < 0:
+        raise EloError("eval.english_tolerance_pct must be >= 0")
+    return lmeval.task_manager(cfg.eval.tasks, cfg.eval.include_path) if cfg.eval.tasks else None
+
+
+def print_report(out: Path) -> None:
+    html_path, md_path = report.write_report(out)
+    print(f"report: {html_path} (and {md_path.name})")

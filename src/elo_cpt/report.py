@@ -1,15 +1,55 @@
-"""The run summary: a plain-text table of bits/char per language per model, and time and tokens per stage.
+"""The run report: what the adaptation bought (target language) and what it cost (English, time), from metrics.json.
 
-A leaf module: it reads the metrics dictionary the pipeline writes to `metrics.json`, nothing else.
+`summary()` is the plain-text table printed at the end of `elo run`; `write_report()` writes OUT/report.html (one
+self-contained page, plots inline) and OUT/report.md (plots in OUT/report_files/). Models and sections that are
+not built in are picked up from metrics.json as they appear: any extra model under `eval` (e.g. a baseline
+"baseline_fft") gets a bar, a table row and a comparison with the final model; a `baselines` section gets rows in
+the cost table and its own loss curves.
+
+A leaf module: it reads the metrics dictionary the pipeline writes, and imports nothing else of elo_cpt but errors.
 """
 
 from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jinja2
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter, MaxNLocator
+
+from elo_cpt.errors import EloError
 
 MODEL_LABELS = {
     "base": "base model",
     "merged": "ELO stage 1, merged (before alignment)",
     "final": "ELO final (after alignment)",
 }
+#: The models the pipeline itself evaluates; every other model under `eval` is a reference run (a baseline).
+OWN_MODELS = ("base", "merged", "final")
+STAGE_LABELS = {"detach": "detach", "stage1": "ELO stage 1", "merge": "merge", "align": "alignment"}
+LANGUAGES = {"de": "German", "en": "English", "fr": "French", "es": "Spanish", "it": "Italian", "ko": "Korean",
+             "ja": "Japanese", "zh": "Chinese", "ar": "Arabic", "hi": "Hindi", "ru": "Russian", "pt": "Portuguese"}
+HTML_FILE, MD_FILE, FILES_DIR = "report.html", "report.md", "report_files"
+DEFAULT_TOLERANCE_PCT = 1.0
+_COLOURS = {"base": "#9aa0a6", "merged": "#7fb3e0", "final": "#1a5fb4"}
+_EXTRA_COLOURS = ["#e66100", "#2ca02c", "#9141ac", "#c01c28", "#986a44", "#5e5c64"]
+
+
+def label(name: str) -> str:
+    return MODEL_LABELS.get(name, name.replace("_", " "))
+
+
+def language(code: str) -> str:
+    return f"{LANGUAGES[code]} ({code})" if code in LANGUAGES else code
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -23,7 +63,7 @@ def summary(metrics: dict) -> str:
     evaluation = metrics["eval"]
     languages = list(next(iter(evaluation.values())).keys())
     rows = [
-        [MODEL_LABELS.get(name, name)] + [f"{result[lang]['bits_per_char']:.4f}" for lang in languages]
+        [label(name)] + [f"{result[lang]['bits_per_char']:.4f}" for lang in languages]
         for name, result in evaluation.items()
     ]
     base = evaluation.get("base")
@@ -44,4 +84,578 @@ def summary(metrics: dict) -> str:
             f"{training['trainable_params']:,}" if training else "",
         ])
     cost = _table(["step", "seconds", "tokens", "tokens/s", "trainable params"], stage_rows)
-    return f"{quality}\n\n{cost}\n\ntotal {metrics['total_seconds']:.0f} s"
+    warnings = [f"\nwarning: {row['message']}" for row in forgetting(metrics) if row["flag"]]
+    return f"{quality}\n\n{cost}\n\ntotal {metrics['total_seconds']:.0f} s" + "".join(warnings)
+
+
+def tolerance_pct(metrics: dict) -> float:
+    return float(metrics.get("config", {}).get("eval", {}).get("english_tolerance_pct", DEFAULT_TOLERANCE_PCT))
+
+
+def references(metrics: dict) -> list[str]:
+    """The models the final one is compared with: the base model, then every baseline that was evaluated."""
+    evaluation = metrics.get("eval", {})
+    return [name for name in evaluation if name == "base" or name not in OWN_MODELS]
+
+
+def forgetting(metrics: dict) -> list[dict]:
+    """Per language and reference model, the final model's change in bits/char (lower is better).
+
+    A row is flagged as forgetting when a language other than the target one (English, the replay language) got
+    worse than in the reference by more than the tolerance, `eval.english_tolerance_pct` percent.
+    """
+    evaluation = metrics.get("eval", {})
+    final = evaluation.get("final")
+    if not final:
+        return []
+    tolerance = tolerance_pct(metrics)
+    target = metrics.get("config", {}).get("target_language")
+    rows = []
+    for lang, result in final.items():
+        for reference in references(metrics):
+            before = evaluation[reference].get(lang, {}).get("bits_per_char")
+            if before is None:
+                continue
+            after = result["bits_per_char"]
+            change = after - before
+            pct = 100 * change / before if before else math.nan
+            flag = lang != target and pct > tolerance
+            verdict = "worse" if change > 0 else "better" if change < 0 else "unchanged"
+            rows.append({
+                "language": lang,
+                "reference": reference,
+                "before": before,
+                "after": after,
+                "change": change,
+                "change_pct": pct,
+                "verdict": verdict,
+                "flag": flag,
+                "message": (f"forgetting: {language(lang)} bits/char of the final model is {pct:.1f}% worse than the "
+                            f"{label(reference)}'s ({before:.4f} -> {after:.4f}; tolerance {tolerance:g}%)") if flag else "",
+            })
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------- plots
+
+
+def _colour(name: str, order: list[str]) -> str:
+    if name in _COLOURS:
+        return _COLOURS[name]
+    extras = [n for n in order if n not in _COLOURS]
+    return _EXTRA_COLOURS[extras.index(name) % len(_EXTRA_COLOURS)]
+
+
+def _png(figure: Figure) -> bytes:
+    FigureCanvasAgg(figure)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def plot_bits_per_char(evaluation: dict) -> bytes:
+    """Grouped bars: bits/char per language (groups) per model (bars), value on top of each bar."""
+    models = list(evaluation)
+    languages = list(dict.fromkeys(lang for result in evaluation.values() for lang in result))
+    figure = Figure(figsize=(8, 3.8))
+    axes = figure.add_subplot()
+    width = 0.8 / len(models)
+    for i, name in enumerate(models):
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(languages))]
+        values = [evaluation[name].get(lang, {}).get("bits_per_char", math.nan) for lang in languages]
+        bars = axes.bar(xs, values, width * 0.92, label=label(name), color=_colour(name, models))
+        axes.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+    axes.set_xticks(range(len(languages)), [language(lang) for lang in languages])
+    axes.set_ylabel("bits per character (lower is better)")
+    axes.margins(y=0.15)
+    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(len(models), 3), frameon=False)
+    axes.grid(axis="y", alpha=0.3)
+    axes.set_axisbelow(True)
+    return _png(figure)
+
+
+def training_records(metrics: dict) -> list[tuple[str, float | None, dict]]:
+    """(label, seconds, training stats) of every pipeline step and baseline, training stats empty if it did not train."""
+    records = []
+    for name, stage in metrics.get("stages", {}).items():
+        records.append((STAGE_LABELS.get(name, name), stage.get("seconds"), stage.get("training") or {}))
+    for name, baseline in (metrics.get("baselines") or {}).items():
+        training = baseline.get("training") or (baseline if "losses" in baseline or "tokens" in baseline else {})
+        seconds = baseline.get("seconds", training.get("seconds"))
+        records.append((f"baseline {label(name)}", seconds, training))
+    return records
+
+
+def plot_losses(records: list[tuple[str, float | None, dict]]) -> bytes | None:
+    """Training loss against optimizer step, one panel per stage that trained (their step scales differ)."""
+    curves = [(name, training["losses"]) for name, _, training in records if training.get("losses")]
+    if not curves:
+        return None
+    columns = min(len(curves), 3)
+    rows = math.ceil(len(curves) / columns)
+    figure = Figure(figsize=(3.6 * columns + 0.6, 3.0 * rows))
+    for i, (name, losses) in enumerate(curves):
+        axes = figure.add_subplot(rows, columns, i + 1)
+        steps, values = [s for s, _ in losses], [v for _, v in losses]
+        axes.plot(steps, values, color="#1a5fb4", marker="." if len(losses) < 30 else None, linewidth=1.2)
+        axes.set(title=name, xlabel="optimizer step", ylabel="loss (nats/token)" if i % columns == 0 else None)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+    return _png(figure)
+
+
+def plot_cost(records: list[tuple[str, float | None, dict]]) -> bytes | None:
+    """Seconds per step (left) and tokens trained per stage (right), as horizontal bars."""
+    timed = [(name, seconds) for name, seconds, _ in records if seconds is not None]
+    if not timed:
+        return None
+    trained = [(name, training["tokens"]) for name, _, training in records if training.get("tokens")]
+    figure = Figure(figsize=(10, 0.45 * max(len(timed), 3) + 1.2))
+    axes = figure.add_subplot(1, 2 if trained else 1, 1)
+    bars = axes.barh([n for n, _ in timed], [s for _, s in timed], color="#1a5fb4")
+    axes.bar_label(bars, fmt="%.1f s", fontsize=8, padding=3)
+    axes.invert_yaxis()
+    axes.margins(x=0.2)
+    axes.set(xlabel="wall-clock seconds", title="time per step")
+    axes.grid(axis="x", alpha=0.3)
+    if trained:
+        axes = figure.add_subplot(1, 2, 2)
+        bars = axes.barh([n for n, _ in trained], [t for _, t in trained], color="#e66100")
+        axes.xaxis.set_major_locator(MaxNLocator(4))
+        axes.xaxis.set_major_formatter(EngFormatter(sep=""))
+        axes.bar_label(bars, labels=[f"{t:,}" for _, t in trained], fontsize=8, padding=3)
+        axes.invert_yaxis()
+        axes.margins(x=0.25)
+        axes.set(xlabel="tokens", title="tokens trained per stage")
+        axes.grid(axis="x", alpha=0.3)
+    return _png(figure)
+
+
+# ---------------------------------------------------------------------------------------------- the content
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds:,.0f} s ({seconds / 60:.1f} min)" if seconds >= 120 else f"{seconds:.1f} s"
+
+
+def _cell(text: str, cls: str = "") -> dict:
+    return {"text": text, "cls": cls}
+
+
+def headline(metrics: dict) -> list[dict]:
+    """The few numbers a reader needs first: target-language gain, English change, time."""
+    evaluation = metrics.get("eval", {})
+    target = metrics.get("config", {}).get("target_language")
+    items = []
+    changes = {(r["language"], r["reference"]): r for r in forgetting(metrics)}
+    name = LANGUAGES.get(target, target)
+    cards = [(target, "base", f"{name} (target language)")]
+    if target != "en":
+        cards.append(("en", "base", "English (forgetting check)"))
+    cards += [(target, r, f"{name}: final vs {label(r)}") for r in references(metrics) if r != "base"]
+    for lang, reference, title in cards:
+        row = changes.get((lang, reference))
+        if row is None:
+            continue
+        worse = row["flag"] or (lang == target and row["change"] > 0)
+        items.append({
+            "title": title,
+            "value": f"{row['change_pct']:+.1f}% bits/char",
+            "detail": f"{row['before']:.4f} → {row['after']:.4f} ({label(reference)} → final)",
+            "status": "bad" if worse else "good" if row["change"] < 0 else "neutral",
+        })
+    if "total_seconds" in metrics:
+        trained = sum((stage.get("training") or {}).get("tokens", 0) for stage in metrics.get("stages", {}).values())
+        items.append({
+            "title": "total time",
+            "value": _fmt_seconds(metrics["total_seconds"]),
+            "detail": f"{trained:,} tokens trained" if trained else "",
+            "status": "neutral",
+        })
+    if not evaluation:
+        items.append({"title": "evaluation", "value": "none", "detail": "metrics.json has no eval results", "status": "bad"})
+    return items
+
+
+def quality_table(evaluation: dict) -> dict:
+    languages = list(dict.fromkeys(lang for result in evaluation.values() for lang in result))
+    header = ["model"] + [f"{lang} {unit}" for lang in languages for unit in ("bits/char", "bits/byte")]
+    best = {lang: min((r[lang]["bits_per_char"] for r in evaluation.values() if lang in r), default=None) for lang in languages}
+    rows = []
+    for name, result in evaluation.items():
+        cells = [_cell(label(name))]
+        for lang in languages:
+            value = result.get(lang)
+            if value is None:
+                cells += [_cell("–"), _cell("–")]
+                continue
+            cls = "best" if value["bits_per_char"] == best[lang] and len(evaluation) > 1 else ""
+            cells += [_cell(f"{value['bits_per_char']:.4f}", cls), _cell(f"{value['bits_per_byte']:.4f}")]
+        rows.append({"cells": cells, "flag": False})
+    return {"header": header, "rows": rows}
+
+
+def forgetting_table(metrics: dict) -> dict:
+    header = ["language", "final vs", "before", "final", "change", "change %", "verdict"]
+    rows = []
+    for r in forgetting(metrics):
+        verdict = "⚠ worse than tolerance" if r["flag"] else r["verdict"]
+        rows.append({"cells": [_cell(language(r["language"])), _cell(label(r["reference"])), _cell(f"{r['before']:.4f}"),
+                               _cell(f"{r['after']:.4f}"), _cell(f"{r['change']:+.4f}"), _cell(f"{r['change_pct']:+.2f}%"),
+                               _cell(verdict, "bad" if r["flag"] else "good" if r["change"] < 0 else "")],
+                     "flag": r["flag"]})
+    return {"header": header, "rows": rows}
+
+
+def cost_table(metrics: dict) -> dict:
+    header = ["step", "seconds", "tokens", "tokens/s", "trainable params", "final loss", "peak memory"]
+    rows = []
+    for name, seconds, t in training_records(metrics):
+        rate = t["tokens"] / t["seconds"] if t.get("tokens") and t.get("seconds") else None
+        rss = t.get("peak_rss_bytes")
+        loss = t.get("final_loss")
+        rows.append({"cells": [_cell(name), _cell(f"{seconds:.1f}" if seconds is not None else ""),
+                               _cell(f"{t['tokens']:,}" if t.get("tokens") else ""), _cell(f"{rate:,.0f}" if rate else ""),
+                               _cell(f"{t['trainable_params']:,}" if t.get("trainable_params") else ""),
+                               _cell(f"{loss:.4f}" if isinstance(loss, (int, float)) else ""),
+                               _cell(f"{rss / 2**30:.2f} GiB" if rss else "")], "flag": False})
+    if "total_seconds" in metrics:
+        rows.append({"cells": [_cell("total (this run)", "strong"), _cell(f"{metrics['total_seconds']:.1f}", "strong")] + [_cell("")] * 5,
+                     "flag": False})
+    return {"header": header, "rows": rows}
+
+
+def data_table(metrics: dict) -> dict | None:
+    data = metrics.get("data") or {}
+    parts = {name: part for name, part in data.items() if isinstance(part, dict) and "tokens" in part}
+    if not parts:
+        return None
+    languages = list(dict.fromkeys(lang for part in parts.values() for lang in part.get("byte_share", {})))
+    header = ["mixture", "documents", "tokens"] + [f"{lang} bytes" for lang in languages]
+    rows = [{"cells": [_cell(STAGE_LABELS.get(name, name)), _cell(f"{part.get('documents', 0):,}"), _cell(f"{part['tokens']:,}")]
+             + [_cell(f"{100 * part.get('byte_share', {}).get(lang, 0):.1f}%") for lang in languages], "flag": False}
+            for name, part in parts.items()]
+    return {"header": header, "rows": rows}
+
+
+def _metric_text(task: dict, metric: str) -> str:
+    value = task.get("metrics", {}).get(metric)
+    if value is None:
+        return "–"
+    stderr = task.get("stderr", {}).get(metric)
+    return f"{value:.4f} ± {stderr:.4f}" if isinstance(stderr, (int, float)) else f"{value:.4f}"
+
+
+def lm_eval_tables(metrics: dict) -> tuple[dict | None, dict | None]:
+    """The requested tasks (main table) and every task and subtask lm-eval scored (full table), models as columns."""
+    results = metrics.get("lm_eval") or {}
+    if not results:
+        return None, None
+    models = list(results)
+    every = list(dict.fromkeys(task for result in results.values() for task in result))
+    requested = [t for t in metrics.get("config", {}).get("eval", {}).get("tasks", []) if t in every] or every
+
+    def table(tasks: list[str]) -> dict:
+        header = ["task", "metric"] + [label(m) for m in models]
+        if "base" in models and "final" in models:
+            header.append("final − base")
+        rows = []
+        for task in tasks:
+            scored = [results[m].get(task, {}) for m in models]
+            names = list(dict.fromkeys(k for s in scored for k in s.get("metrics", {})))
+            for metric in names:
+                cells = [_cell(task), _cell(metric)] + [_cell(_metric_text(s, metric)) for s in scored]
+                if "base" in models and "final" in models:
+                    before = results["base"].get(task, {}).get("metrics", {}).get(metric)
+                    after = results["final"].get(task, {}).get("metrics", {}).get(metric)
+                    higher = results["final"].get(task, {}).get("higher_is_better", {}).get(metric, True)
+                    if before is None or after is None:
+                        cells.append(_cell("–"))
+                    else:
+                        better = (after - before) * (1 if higher else -1)
+                        cells.append(_cell(f"{after - before:+.4f}", "good" if better > 0 else "bad" if better < 0 else ""))
+                rows.append({"cells": cells, "flag": False})
+        return {"header": header, "rows": rows}
+
+    full = table(every) if len(every) > len(requested) else None
+    return table(requested), full
+
+
+def sample_groups(metrics: dict) -> list[dict]:
+    """Samples regrouped per language and prompt, with each model's completion."""
+    samples = metrics.get("samples") or {}
+    groups: dict[tuple[str, str], dict] = {}
+    for model, per_lang in samples.items():
+        for lang, items in per_lang.items():
+            for item in items:
+                group = groups.setdefault((lang, item["prompt"]), {"language": language(lang), "prompt": item["prompt"], "completions": []})
+                group["completions"].append({"model": label(model), "text": item["completion"]})
+    return list(groups.values())
+
+
+def build_content(metrics: dict, run_dir: Path) -> dict:
+    """Everything the HTML and Markdown pages show, with the figures as PNG bytes."""
+    evaluation = metrics.get("eval") or {}
+    records = training_records(metrics)
+    figures = {}
+    if evaluation:
+        figures["bits_per_char"] = plot_bits_per_char(evaluation)
+    for key, png in (("loss_curves", plot_losses(records)), ("time_and_tokens", plot_cost(records))):
+        if png:
+            figures[key] = png
+    lm_main, lm_full = lm_eval_tables(metrics)
+    config = metrics.get("config", {})
+    return {
+        "title": f"ELO run report: {run_dir.resolve().name}",
+        "run_dir": str(run_dir.resolve()),
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "model": config.get("model", "?"),
+        "target": language(config.get("target_language", "?")),
+        "layers": config.get("layers", "?"),
+        "headline": headline(metrics),
+        "warnings": [r["message"] for r in forgetting(metrics) if r["flag"]],
+        "tolerance": tolerance_pct(metrics),
+        "has_baselines": any(r != "base" for r in references(metrics)),
+        "quality": quality_table(evaluation) if evaluation else None,
+        "forgetting": forgetting_table(metrics),
+        "cost": cost_table(metrics),
+        "data": data_table(metrics),
+        "lm_eval": lm_main,
+        "lm_eval_full": lm_full,
+        "samples": sample_groups(metrics),
+        "config_yaml": yaml.safe_dump(config, sort_keys=False, allow_unicode=True).rstrip(),
+        "figures": figures,
+    }
+
+
+# --------------------------------------------------------------------------------------------------- output
+
+_HTML = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ c.title }}</title>
+<style>
+body { font-family: system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; color: #1d1d1f; background: #f6f7f9;
+       margin: 0; line-height: 1.45; font-size: 15px; }
+main { max-width: 1080px; margin: 0 auto; padding: 28px 32px 60px; background: #fff; min-height: 100vh; }
+h1 { font-size: 26px; margin: 0 0 4px; } h2 { font-size: 19px; margin: 34px 0 10px; padding-bottom: 4px; border-bottom: 1px solid #e3e5e8; }
+h3 { font-size: 15px; margin: 18px 0 6px; }
+.meta { color: #5f6368; font-size: 13px; margin-bottom: 18px; } .meta code { font-size: 12px; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; }
+.card { flex: 1 1 200px; border: 1px solid #e3e5e8; border-left: 5px solid #9aa0a6; border-radius: 6px; padding: 10px 14px; }
+.card.good { border-left-color: #2e7d32; } .card.bad { border-left-color: #c62828; background: #fff5f5; }
+.card .t { font-size: 12px; color: #5f6368; text-transform: uppercase; letter-spacing: .03em; }
+.card .v { font-size: 24px; font-weight: 600; margin: 2px 0; } .card .d { font-size: 12px; color: #5f6368; }
+.warning { background: #fdecea; border: 1px solid #f5c2c0; color: #8a1c17; padding: 10px 14px; border-radius: 6px; margin: 14px 0; }
+table { border-collapse: collapse; margin: 8px 0 12px; font-size: 13.5px; }
+th, td { padding: 5px 12px; border-bottom: 1px solid #eceef0; text-align: right; white-space: nowrap; }
+th { background: #f1f3f5; font-weight: 600; } th:first-child, td:first-child { text-align: left; }
+tr.flag td { background: #fff5f5; } td.best { font-weight: 700; } td.good { color: #2e7d32; } td.bad { color: #c62828; font-weight: 600; }
+td.strong { font-weight: 700; }
+img { max-width: 100%; height: auto; display: block; margin: 8px 0; }
+.note { color: #5f6368; font-size: 13px; }
+.sample { border: 1px solid #e3e5e8; border-radius: 6px; margin: 10px 0; overflow: hidden; }
+.sample .p { background: #f1f3f5; padding: 6px 12px; font-size: 13px; } .sample .p b { font-weight: 600; }
+.sample table { width: 100%; margin: 0; } .sample td { white-space: pre-wrap; text-align: left; vertical-align: top; }
+.sample td:first-child { width: 230px; color: #5f6368; font-size: 12.5px; }
+.prompt { color: #5f6368; }
+pre { background: #f6f8fa; border: 1px solid #e3e5e8; border-radius: 6px; padding: 12px; font-size: 12.5px; overflow-x: auto; }
+details summary { cursor: pointer; color: #1a5fb4; margin: 6px 0; }
+</style></head>
+<body><main>
+{%- macro table(t) %}
+<table><thead><tr>{% for h in t.header %}<th>{{ h }}</th>{% endfor %}</tr></thead><tbody>
+{%- for row in t.rows %}
+<tr{% if row.flag %} class="flag"{% endif %}>{% for cell in row.cells %}<td{% if cell.cls %} class="{{ cell.cls }}"{% endif %}>{{ cell.text }}</td>{% endfor %}</tr>
+{%- endfor %}
+</tbody></table>
+{%- endmacro %}
+{%- macro figure(key, alt) %}{% if key in images %}<img src="data:image/png;base64,{{ images[key] }}" alt="{{ alt }}">{% endif %}{% endmacro %}
+<h1>{{ c.title }}</h1>
+<div class="meta">model <code>{{ c.model }}</code> · target language {{ c.target }} · layers {{ c.layers }} ·
+run folder <code>{{ c.run_dir }}</code> · generated {{ c.generated }}</div>
+
+<section id="headline"><div class="cards">
+{%- for h in c.headline %}
+<div class="card {{ h.status }}"><div class="t">{{ h.title }}</div><div class="v">{{ h.value }}</div><div class="d">{{ h.detail }}</div></div>
+{%- endfor %}
+</div>
+{%- for w in c.warnings %}<div class="warning">⚠ {{ w }}</div>{% endfor %}
+</section>
+
+{%- if c.quality %}
+<h2 id="quality">Language modelling on held-out text</h2>
+<p class="note">Bits per character and per UTF-8 byte: the text's total negative log-likelihood divided by its length,
+so models with different tokenizers and languages with different scripts compare fairly. Lower is better; the best value per language is bold.</p>
+{{ table(c.quality) }}
+{{ figure("bits_per_char", "bits per character per language and model") }}
+{%- endif %}
+
+{%- if c.forgetting.rows %}
+<h2 id="forgetting">What changed: final model against the base{% if c.has_baselines %} and the baselines{% endif %}</h2>
+<p class="note">Change in bits/char of the final model (negative: better). Rows worse by more than {{ c.tolerance }}% are flagged.</p>
+{{ table(c.forgetting) }}
+{%- endif %}
+
+{%- if c.lm_eval %}
+<h2 id="benchmarks">Benchmarks (lm-evaluation-harness)</h2>
+{{ table(c.lm_eval) }}
+{%- if c.lm_eval_full %}<details><summary>all tasks and subtasks</summary>{{ table(c.lm_eval_full) }}</details>{% endif %}
+{%- endif %}
+
+<h2 id="cost">Time and tokens per step</h2>
+{{ table(c.cost) }}
+{{ figure("time_and_tokens", "seconds per step and tokens per training stage") }}
+{%- if "loss_curves" in images %}
+<h2 id="losses">Training loss per stage</h2>
+{{ figure("loss_curves", "training loss against optimizer step, per stage") }}
+{%- endif %}
+{%- if c.data %}
+<h3>Training mixtures</h3>
+{{ table(c.data) }}
+{%- endif %}
+
+{%- if c.samples %}
+<h2 id="samples">Generation samples</h2>
+<p class="note">Fixed prompts, greedy decoding: the same model always gives the same completion.</p>
+{%- for s in c.samples %}
+<div class="sample"><div class="p">{{ s.language }} · <b>{{ s.prompt }}</b></div><table>
+{%- for comp in s.completions %}<tr><td>{{ comp.model }}</td><td><span class="prompt">{{ s.prompt }}</span>{{ comp.text }}</td></tr>{% endfor %}
+</table></div>
+{%- endfor %}
+{%- endif %}
+
+<h2 id="config">Configuration</h2>
+<p class="note">The exact configuration of this run (also in <code>config.yaml</code>); rerun it with <code>elo run config.yaml --out DIR</code>.</p>
+<pre>{{ c.config_yaml }}</pre>
+</main></body></html>
+"""
+
+_MD = """# {{ c.title }}
+
+model `{{ c.model }}` · target language {{ c.target }} · layers {{ c.layers }} · generated {{ c.generated }}
+
+{% for h in c.headline %}- **{{ h.title }}: {{ h.value }}** {{ h.detail }}
+{% endfor %}
+{%- for w in c.warnings %}
+> ⚠ {{ w }}
+{% endfor %}
+{%- if c.quality %}
+## Language modelling on held-out text
+
+Bits per character and per UTF-8 byte (lower is better).
+
+{{ table(c.quality) }}
+
+![bits per character]({{ files }}/bits_per_char.png)
+{% endif %}
+{%- if c.forgetting.rows %}
+## What changed: final model against the base{% if c.has_baselines %} and the baselines{% endif %}
+
+Change in bits/char of the final model (negative: better); worse by more than {{ c.tolerance }}% is flagged.
+
+{{ table(c.forgetting) }}
+{% endif %}
+{%- if c.lm_eval %}
+## Benchmarks (lm-evaluation-harness)
+
+{{ table(c.lm_eval) }}
+{% endif %}
+## Time and tokens per step
+
+{{ table(c.cost) }}
+{% if "time_and_tokens" in c.figures %}
+![time and tokens]({{ files }}/time_and_tokens.png)
+{% endif %}
+{%- if "loss_curves" in c.figures %}
+## Training loss per stage
+
+![loss curves]({{ files }}/loss_curves.png)
+{% endif %}
+{%- if c.data %}
+### Training mixtures
+
+{{ table(c.data) }}
+{% endif %}
+{%- if c.samples %}
+## Generation samples
+
+Fixed prompts, greedy decoding.
+{% for s in c.samples %}
+**{{ s.language }}: {{ s.prompt | md }}**
+
+| model | completion |
+|---|---|
+{% for comp in s.completions %}| {{ comp.model | md }} | {{ s.prompt | md }}**{{ comp.text | md }}** |
+{% endfor %}{% endfor %}
+{%- endif %}
+## Configuration
+
+```yaml
+{{ c.config_yaml }}
+```
+"""
+
+
+def _md_cell(text: str) -> str:
+    """Text safe inside a Markdown table cell: no pipes, no raw HTML, newlines as <br>."""
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", "<br>").replace("*", "\\*")
+
+
+def _md_table(t: dict) -> str:
+    lines = ["| " + " | ".join(_md_cell(h) for h in t["header"]) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(t["header"]))) + "|"]
+    for row in t["rows"]:
+        cells = [_md_cell(c["text"]) for c in row["cells"]]
+        lines.append("| " + " | ".join(f"**{c}**" if cell["cls"] in ("best", "strong") and c else c
+                                         for c, cell in zip(cells, row["cells"])) + " |")
+    return "\n".join(lines)
+
+
+def _write_atomic(path: Path, content: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    os.replace(tmp, path)
+
+
+def load_metrics(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise EloError(f"run folder {run_dir} does not exist; pass the --out folder of an `elo run`")
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise EloError(f"{run_dir} has no metrics.json; it is not a finished run, so finish it with `elo run ... --out {run_dir}`")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EloError(f"{path} is not valid JSON ({err}); rerun `elo run` into a fresh folder") from None
+    if not isinstance(metrics, dict):
+        raise EloError(f"{path} does not hold a metrics object; rerun `elo run` into a fresh folder")
+    return metrics
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/report.md (+ report_files/*.png); return their paths."""
+    run_dir = Path(run_dir)
+    metrics = load_metrics(run_dir)
+    content = build_content(metrics, run_dir)
+    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=False)
+    images = {key: base64.b64encode(png).decode("ascii") for key, png in content["figures"].items()}
+    page = environment.from_string(_HTML).render(c=content, images=images)
+
+    files = run_dir / FILES_DIR
+    files.mkdir(exist_ok=True)
+    for key, png in content["figures"].items():
+        _write_atomic(files / f"{key}.png", png)
+    for stale in files.glob("*.png"):
+        if stale.stem not in content["figures"]:
+            stale.unlink()
+    markdown_env = jinja2.Environment(autoescape=False, undefined=jinja2.StrictUndefined)
+    markdown_env.filters["md"] = _md_cell
+    markdown_env.globals["table"] = _md_table
+    markdown = markdown_env.from_string(_MD).render(c=content, files=FILES_DIR)
+
+    md_path, html_path = run_dir / MD_FILE, run_dir / HTML_FILE
+    _write_atomic(md_path, markdown)
+    _write_atomic(html_path, page)
+    return html_path, md_path
