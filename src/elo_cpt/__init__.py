@@ -10,8 +10,9 @@ The Python API mirrors the `elo` command one to one:
     elo finetune  -> finetune(model, data, out, ..., method=fft|freeze|lora)
     elo eval      -> evaluate(model, {lang: path}, ...) and evaluate_tasks(model, "task1,task2", ...)
     elo report    -> write_report(run_dir)
-    elo assets    -> prepare_assets()
+    elo assets    -> prepare_assets() / prepare_language(language)
     elo bench     -> bench(model_or_shape, methods, ...)
+    elo study     -> study(study_file_or_name, out, cells=None)
 """
 
 from importlib import import_module
@@ -21,6 +22,7 @@ from elo_cpt.errors import EloError
 #: API name -> (module, attribute); imported on first use so `elo --help` does not load torch.
 _API = {
     "prepare_assets": ("elo_cpt.assets", "prepare_assets"),
+    "prepare_language": ("elo_cpt.assets", "prepare_language"),
     "describe_config": ("elo_cpt.config", "describe"),
     "load_config": ("elo_cpt.config", "load_config"),
     "evaluate": ("elo_cpt.evaluation", "evaluate"),
@@ -33,6 +35,7 @@ _API = {
     "finetune": ("elo_cpt.train", "finetune"),
     "pretrain": ("elo_cpt.train", "pretrain"),
     "bench": ("elo_cpt.bench", "bench"),
+    "study": ("elo_cpt.study", "study"),
 }
 
 __all__ = ["EloError", *_API]

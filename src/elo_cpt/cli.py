@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write report.html and report.md for a finished run folder")
     rep.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of an `elo run`")
 
-    sub.add_parser("assets", help="prepare and cache the default model and corpora; print where they are")
+    sub.add_parser("assets", help="prepare and cache the default model and corpora; print where they are").add_argument(
+        "--language", default="de", help="target language of the corpora: de (default) or ko")
 
     bench = sub.add_parser("bench", help="tokens/s and peak memory per training step of each method, next to the cost model")
     bench.add_argument("model", help="model folder, or a named shape with random weights: smollm2-135m, llama-3.2-1b, llama-3.1-8b, mistral-7b, qwen2-7b")
@@ -93,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     bench.add_argument("--force", action="store_true", help="run methods even where the memory estimate exceeds what is available")
     bench.add_argument("--json", help="write the results to this JSON file")
+
+    study = sub.add_parser("study", help="a grid of runs (ELO variants and baselines) on the same data; one results table",
+                           description="Run a study: ELO, its ablations and the baselines (full fine-tuning, LoRA, "
+                                       "freeze-tuning, alignment only) at equal tokens or equal cost-model FLOPs. "
+                                       "Rerunning resumes: finished cells are kept.")
+    study.add_argument("study", metavar="CONFIG", help="study YAML file, or a built-in study: de (German), ko (Korean)")
+    study.add_argument("--out", required=True, help="study folder (results.md, results.json, results.png)")
+    study.add_argument("--cells", help="run only these cells, comma-separated (default: all, in file order)")
+    study.add_argument("--list", action="store_true", help="list the cells with their planned tokens and FLOPs, then exit")
     return parser
 
 
@@ -165,10 +175,30 @@ def dispatch(args: argparse.Namespace) -> None:
     elif args.command == "bench":
         api.bench(args.model, args.methods, args.batch, args.seq, args.steps, args.warmup, args.layers, args.loss_chunk,
                   args.lora_rank, args.dtype, args.json, args.force)
+    elif args.command == "study":
+        if args.list:
+            from elo_cpt.study import load_study, plan
+
+            parsed = load_study(args.study)
+            for cell in parsed.cells:
+                planned = plan(parsed, cell)
+                print(f"{cell.name}\t{cell.method}\t{cell.group or '-'}\t{planned['tokens']:,} tokens\t{planned['flops'] / 1e12:.1f} TFLOPs")
+            return
+        api.study(args.study, args.out, args.cells)
+        print(f"{Path(args.out) / 'results.md'}")
     elif args.command == "assets":
-        found = api.prepare_assets()
-        for name in ("root", "model", "train_target", "train_english", "eval_target", "eval_english", "manifest"):
-            print(f"{name}\t{getattr(found, name)}")
+        names = ("root", "model", "train_target", "train_english", "eval_target", "eval_english", "manifest")
+        if args.language == "de":
+            found = api.prepare_assets()
+            paths = [getattr(found, name) for name in names]
+        else:  # same keys; the target-language ones point at that language's files
+            from elo_cpt.assets import prepare_language
+
+            lang = prepare_language(args.language)  # rejects an unknown language first, then prepares the defaults
+            found = api.prepare_assets()  # already prepared: returns at once
+            paths = [found.root, found.model, lang.train, lang.train_english, lang.eval, lang.eval_english, lang.manifest]
+        for name, path in zip(names, paths, strict=True):
+            print(f"{name}\t{path}")
 
 
 def main(argv: list[str] | None = None) -> int:

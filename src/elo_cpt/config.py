@@ -58,6 +58,11 @@ class Stage1Config(TrainConfig):
     """Stage-1 training tokens (target and English together)."""
     lr: float = 1.5e-5
     """Peak learning rate of the selected layers (the paper uses 5e-6 at 8B scale; see docs for the evidence)."""
+    frozen_layers: str = ""
+    """Extra layers kept in the shallow model but frozen and not written back (e.g. 10,20): they narrow the gap
+    between the contexts the trained layers see in stage 1 and after the write-back, at their compute cost."""
+    train_norm: bool = False
+    """Also train the final norm in stage 1 (written back with the layers); the paper keeps it frozen."""
 
 
 @dataclass
@@ -68,6 +73,8 @@ class AlignConfig(TrainConfig):
     """Alignment tokens as a fraction of stage-1 tokens (the paper: about 1 GB after 9 GB); used when tokens is None."""
     lr: float = 5e-5
     """Peak learning rate of the full fine-tune."""
+    method: str = "fft"
+    """fft (the paper: every parameter), freeze (only the stage-1 layers; far less optimizer memory) or lora."""
 
 
 @dataclass
@@ -117,7 +124,8 @@ class RunConfig:
     layers: str = "0,-1"
     """Decoder layers trained in stage 1: indices and start:stop ranges, negatives from the end (e.g. 0,-1 or 0,15,-1)."""
     target_language: str = "de"
-    """Code of the target language, used to label results."""
+    """Code of the target language, used to label results; with no data.target given it also picks the embedded
+    corpora (de: German, ko: Korean)."""
     seq_len: int = 256
     """Tokens per training sequence and evaluation window."""
     seed: int = 0
@@ -204,6 +212,30 @@ def _apply(obj: object, values: dict, prefix: str = "") -> None:
             setattr(obj, name, _coerce(value, hints[name], key))
 
 
+def nest(flat: dict) -> dict:
+    """Turn dotted keys (`stage1.lr: 1e-5`) into nested sections; nested values pass through."""
+    nested: dict = {}
+    for key, value in flat.items():
+        node = nested
+        parts = str(key).split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]].update(value)
+        else:
+            node[parts[-1]] = value
+    return nested
+
+
+def from_dict(*layers: dict) -> RunConfig:
+    """A validated RunConfig from nested (or dotted) value dicts applied in order over the defaults."""
+    config = RunConfig()
+    for values in layers:
+        _apply(config, nest(values or {}))
+    validate(config)
+    return config
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """Turn `a.b=value` strings into a nested dict, values parsed as YAML scalars/lists."""
     nested: dict = {}
@@ -246,6 +278,7 @@ def validate(config: RunConfig) -> None:
         (0 < config.data.align_holdout < 1, "data.align_holdout must be in (0, 1)"),
         (config.align.token_ratio >= 0, "align.token_ratio must be >= 0"),
         (config.eval.max_chars >= 0, "eval.max_chars must be >= 0 (0 means all)"),
+        (config.align.method in ("fft", "freeze", "lora"), "align.method must be fft, freeze or lora"),
     ]
     for stage in ("stage1", "align"):
         train = getattr(config, stage)

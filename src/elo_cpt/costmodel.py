@@ -97,8 +97,9 @@ class Cost:
         return {**asdict(self), "flops_per_token": self.flops_per_token}
 
 
-def step_cost(shape: Shape, method: str, layers: list[int], lora_rank: int = 16) -> Cost:
-    """FLOPs per token of one training step of `method`; `layers` are the absolute indices ELO/freeze train."""
+def step_cost(shape: Shape, method: str, layers: list[int], lora_rank: int = 16, frozen: list[int] = ()) -> Cost:
+    """FLOPs per token of one training step of `method`; `layers` are the absolute indices ELO/freeze train, and
+    `frozen` the untrained layers an ELO shallow model also computes (stage1.frozen_layers)."""
     if method not in METHODS:
         raise EloError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     n, per_layer, head = shape.num_layers, shape.layer_params, shape.head_params
@@ -114,12 +115,13 @@ def step_cost(shape: Shape, method: str, layers: list[int], lora_rank: int = 16)
         adapters = n * shape.lora_params(lora_rank)
         blocks = [(per_layer, False, True)] * n + [(head, False, True), (adapters, True, True)]
         trainable = adapters
-    else:  # elo: only the selected layers are computed
-        blocks = [(per_layer, True, True)] * len(layers) + [(head, False, True)]
+    else:  # elo: only the selected (and frozen emulator) layers are computed
+        kept = sorted({*layers, *frozen})
+        blocks = [(per_layer, i in layers, i > lowest) for i in kept] + [(head, False, True)]
         trainable = len(layers) * (per_layer + 2 * shape.hidden)
     forward = sum(2.0 * p for p, _, _ in blocks)
     backward = sum(4.0 * p if trained else 2.0 * p if flows else 0.0 for p, trained, flows in blocks)
-    return Cost(method, forward, backward, trainable, len(layers) if method == "elo" else n)
+    return Cost(method, forward, backward, trainable, len({*layers, *frozen}) if method == "elo" else n)
 
 
 def pipeline_speedup(stage1_rate: float, align_rate: float, fft_rate: float, stage1_share: float = 0.9) -> float:

@@ -50,15 +50,16 @@ def resolve_defaults(cfg: RunConfig) -> RunConfig:
     default = assets.prepare_assets()
     if cfg.data.target:
         return replace(cfg, model=str(default.model))
+    # No corpora given: the embedded ones of the target language (German by default, or e.g. target_language=ko).
+    embedded = assets.prepare_language(cfg.target_language)
     return replace(
         cfg,
         model=cfg.model or str(default.model),
-        target_language=default.target_language,
         data=replace(
             cfg.data,
-            target=[str(default.train_target)],
-            english=cfg.data.english or [str(default.train_english)],
-            eval=cfg.data.eval or {default.target_language: str(default.eval_target), "en": str(default.eval_english)},
+            target=[str(embedded.train)],
+            english=cfg.data.english or [str(embedded.train_english)],
+            eval=cfg.data.eval or {cfg.target_language: str(embedded.eval), "en": str(embedded.eval_english)},
         ),
     )
 
@@ -114,6 +115,15 @@ def align_tokens(cfg: RunConfig) -> int:
     return int(round((cfg.stage1.tokens or 0) * cfg.align.token_ratio / cfg.seq_len)) * cfg.seq_len
 
 
+def same_config(recorded: dict, resolved: dict) -> bool:
+    """Whether a run folder's recorded config is `resolved`, read through the dataclasses so that a setting added
+    to elo-cpt since the run started takes its default instead of counting as a difference."""
+    try:
+        return config_mod.to_dict(config_mod.from_dict(recorded)) == resolved
+    except EloError:
+        return False
+
+
 def run(cfg: RunConfig, out: str | Path) -> dict:
     """Run the pipeline into `out` and return the metrics (also written to `out/metrics.json`)."""
     started = time.perf_counter()
@@ -123,7 +133,7 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
     resolved = config_mod.to_dict(cfg)
     config_path = out / "config.yaml"
     if config_path.is_file():
-        if yaml.safe_load(config_path.read_text()) != resolved:
+        if not same_config(yaml.safe_load(config_path.read_text()), resolved):
             raise EloError(f"{out} holds a run with another configuration; choose another --out or delete it")
         if metrics_path.is_file():
             log(f"{out} is already complete")
@@ -136,7 +146,10 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
     elif out.exists() and any(out.iterdir()):
         raise EloError(f"{out} exists and is not an elo run folder; choose another --out")
     checkpoint.require_model_dir(cfg.model)
-    surgery.resolve_layers(cfg.layers, surgery.num_layers(AutoConfig.from_pretrained(cfg.model)))
+    n_layers = surgery.num_layers(AutoConfig.from_pretrained(cfg.model))
+    surgery.resolve_layers(cfg.layers, n_layers)
+    if cfg.stage1.frozen_layers:
+        surgery.resolve_layers(cfg.stage1.frozen_layers, n_layers)
     for path in cfg.data.eval.values():
         evaluation.read_eval_text(path)
     task_manager = check_eval_settings(cfg)
@@ -159,10 +172,11 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
         if not shallow.is_dir():
             log(f"[2/6] detaching layers {cfg.layers} into a shallow model")
             with timings.step("detach"):
-                surgery.detach(cfg.model, cfg.layers, shallow)
+                surgery.detach(cfg.model, cfg.layers, shallow, frozen_layers=cfg.stage1.frozen_layers)
         log(f"[3/6] ELO stage 1: training layers {cfg.layers} of the shallow model on {cfg.stage1.tokens:,} tokens")
         with timings.step("stage1"):
-            train.pretrain(shallow, [str(data_dir / "stage1.jsonl")], stage1, cfg.stage1, cfg.seq_len, cfg.seed)
+            train.pretrain(shallow, [str(data_dir / "stage1.jsonl")], stage1, cfg.stage1, cfg.seq_len, cfg.seed,
+                           train_norm=cfg.stage1.train_norm)
     shutil.rmtree(shallow, ignore_errors=True)
     if not merged.is_dir():
         log("[4/6] writing the trained layers back into the base model")
@@ -172,9 +186,10 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
     if not model_dir.is_dir():
         with timings.step("align"):
             if "align" in data_summary:
-                log(f"[5/6] alignment: full fine-tuning on {data_summary['align']['tokens']:,} tokens")
+                log(f"[5/6] alignment ({cfg.align.method}) on {data_summary['align']['tokens']:,} tokens")
                 align_cfg = replace(cfg.align, tokens=data_summary["align"]["tokens"])
-                train.align(merged, [str(data_dir / "align.jsonl")], model_dir, align_cfg, cfg.seq_len, cfg.seed)
+                train.finetune(merged, [str(data_dir / "align.jsonl")], model_dir, align_cfg, cfg.seq_len, cfg.seed,
+                               method=cfg.align.method, layers=cfg.layers)
             else:
                 log("[5/6] alignment budget is 0: the final model is the merged one")
                 with checkpoint.atomic_output(model_dir) as staging:

@@ -122,16 +122,44 @@ def layer_key_map(prefix: str, layers: list[int], names: list[str]) -> dict[str,
     return mapping
 
 
-def build_shallow(base_dir: str | Path, layers_spec: str) -> tuple[PreTrainedModel, dict]:
+def trained_tensor_map(provenance: dict, names: list[str]) -> dict[str, str]:
+    """Shallow-model tensor name -> base-model name of what stage 1 trained: the trained layers (frozen emulator
+    layers are left out) and any other tensor it trained, such as the final norm."""
+    trained = set(provenance.get("trained_layers", provenance["layers"]))
+    mapping = {own: base for own, base in layer_key_map(provenance["layer_prefix"], provenance["layers"], names).items()
+               if int(base[len(provenance["layer_prefix"]) + 1:].split(".")[0]) in trained}
+    return mapping | {name: name for name in provenance.get("trained_tensors", [])}
+
+
+def final_norm_names(model: nn.Module) -> list[str]:
+    """Parameter names of the final norm: the norm module beside the decoder layer list (model.norm in Llama)."""
+    prefix, _ = find_decoder_layers(model)
+    parent_name = prefix.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    names = [f"{parent_name}.{child}.{param}".lstrip(".")
+             for child, module in parent.named_children() if "norm" in type(module).__name__.lower() or "norm" in child.lower()
+             for param, _ in module.named_parameters()]
+    if not names:
+        raise EloError(f"cannot find the final norm of {type(model).__name__}; set stage1.train_norm=false")
+    return names
+
+
+def build_shallow(base_dir: str | Path, layers_spec: str, frozen_spec: str = "") -> tuple[PreTrainedModel, dict]:
     """Build the shallow model in memory, reading only the tensors it keeps from the base checkpoint.
 
-    Nothing is randomly initialised and no tensor of a dropped layer is read: peak memory is about the shallow
-    model itself.
+    `frozen_spec` names extra layers kept in the shallow model but never trained or written back (an
+    "emulator" of the removed middle, after Offsite-Tuning). Nothing is randomly initialised and no tensor of a
+    dropped layer is read: peak memory is about the shallow model itself.
     """
     base_dir = checkpoint.require_model_dir(base_dir)
     config = AutoConfig.from_pretrained(base_dir)
     n = num_layers(config)
-    layers = resolve_layers(layers_spec, n)
+    trained = resolve_layers(layers_spec, n)
+    frozen = resolve_layers(frozen_spec, n) if str(frozen_spec).strip() else []
+    both = sorted(set(trained) & set(frozen))
+    if both:
+        raise EloError(f"layer(s) {both} are both trained and frozen; remove them from stage1.frozen_layers")
+    layers = sorted(trained + frozen)
     small_config = shallow_config(config, layers)
     skeleton = _skeleton(small_config)
     prefix, _ = find_decoder_layers(skeleton)
@@ -143,10 +171,12 @@ def build_shallow(base_dir: str | Path, layers_spec: str) -> tuple[PreTrainedMod
         "base_model": str(base_dir.resolve()),
         "base_num_layers": n,
         "layers": layers,
+        "trained_layers": trained,
         "layer_prefix": prefix,
         "base_config": config.to_dict(),
         # The original tensors this shallow model will replace: merging into another base is refused.
-        "replaced_digests": {base: checkpoint.tensor_digest(state[own]) for own, base in layer_names.items()},
+        "replaced_digests": {base: checkpoint.tensor_digest(state[own]) for own, base in layer_names.items()
+                             if layers[int(own[len(prefix) + 1:].split(".")[0])] in trained},
     }
     model = _load_into(type(skeleton), small_config, state, base_dir, set(layer_names))
     return model, provenance
@@ -220,9 +250,10 @@ def _dominant_dtype(tensors) -> torch.dtype:
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
-def detach(base_dir: str | Path, layers_spec: str, out: str | Path, overwrite: bool = False) -> Path:
-    """Write the shallow model made of `layers_spec` of `base_dir` as a Hugging Face folder at `out`."""
-    model, provenance = build_shallow(base_dir, layers_spec)
+def detach(base_dir: str | Path, layers_spec: str, out: str | Path, overwrite: bool = False, frozen_layers: str = "") -> Path:
+    """Write the shallow model made of `layers_spec` (plus the untrained `frozen_layers`) of `base_dir` as a Hugging
+    Face folder at `out`."""
+    model, provenance = build_shallow(base_dir, layers_spec, frozen_layers)
     with checkpoint.atomic_output(out, overwrite=overwrite) as staging:
         save_shallow(model, provenance, Path(base_dir), staging)
     return Path(out)
@@ -245,7 +276,7 @@ def merge(base_dir: str | Path, shallow_dir: str | Path, out: str | Path, overwr
     base_dir = checkpoint.require_model_dir(base_dir)
     shallow_dir = checkpoint.require_model_dir(shallow_dir)
     provenance = checkpoint.read_provenance(shallow_dir)
-    to_base = layer_key_map(provenance["layer_prefix"], provenance["layers"], list(checkpoint.tensor_locations(shallow_dir)))
+    to_base = trained_tensor_map(provenance, list(checkpoint.tensor_locations(shallow_dir)))
     originals = _check_same_base(base_dir, shallow_dir, provenance, set(to_base.values()))
     base_locations = checkpoint.tensor_locations(base_dir)
     with checkpoint.tensor_reader(shallow_dir) as read_trained, checkpoint.atomic_output(out, overwrite=overwrite) as staging:

@@ -1,4 +1,4 @@
-"""Plain text out of the formats the default corpora come in: roff man pages, fortune files, Mallard help pages.
+"""Plain text out of the formats the default corpora come in: roff man pages, fortune files, Mallard help pages, HTML.
 
 A leaf module with no dependency beyond the standard library, so the cleaners can be tested on small fixtures.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import unicodedata
 import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
 
 
 def _normalise(text: str) -> str:
@@ -227,3 +228,123 @@ def mallard_to_text(src: str) -> str:
     walk(ET.fromstring(src), pre=False)
     lines = (re.sub(" {2,}", " ", line).strip() for line in "".join(parts).split("\n"))
     return _normalise("\n".join(line for line in lines if line))
+
+
+_HTML_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source", "track",
+              "wbr"}
+_HTML_SKIP = {"head", "script", "style", "noscript", "template", "header", "footer", "aside", "nav", "button",
+              "select", "textarea", "svg", "math"}  # invisible, or page chrome around the content
+_HTML_BLOCKS = {"address", "article", "blockquote", "caption", "dd", "details", "div", "dl", "dt", "figcaption",
+                "figure", "h1", "h2", "h3", "h4", "h5", "h6", "li", "main", "ol", "p", "pre", "section", "summary",
+                "table", "tbody", "td", "tfoot", "th", "thead", "tr", "ul"}
+
+
+class _HtmlNode:
+    __slots__ = ("tag", "attrs", "children")
+
+    def __init__(self, tag: str, attrs: dict[str, str | None]) -> None:
+        self.tag, self.attrs = tag, attrs
+        self.children: list[_HtmlNode | str] = []
+
+
+class _HtmlTree(HTMLParser):
+    """A forgiving element tree: void elements never nest, an end tag closes everything opened after its start tag."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.root = _HtmlNode("#root", {})
+        self.stack = [self.root]
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "p" and self.stack[-1].tag == "p":  # `<p>` implicitly ends an open paragraph
+            self.stack.pop()
+        node = _HtmlNode(tag, dict(attrs))
+        self.stack[-1].children.append(node)
+        if tag not in _HTML_VOID:
+            self.stack.append(node)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.stack[-1].children.append(_HtmlNode(tag, dict(attrs)))
+
+    def handle_endtag(self, tag: str) -> None:
+        for i in range(len(self.stack) - 1, 0, -1):
+            if self.stack[i].tag == tag:
+                del self.stack[i:]
+                return
+
+    def handle_data(self, data: str) -> None:
+        self.stack[-1].children.append(data)
+
+
+def _switch_branches(node: _HtmlNode) -> list[_HtmlNode | str]:
+    """Children of a LibreOffice help `switch`/`switchinline` that a reader without module or system context sees.
+
+    Each branch is a hidden span shown by JavaScript: `MAC...`, `WIN...`, `WRITER...`, `CALC...` or `default...`.
+    The default branch wins where there is one (the others repeat it for another system); without one, the
+    branches are module-specific text and all are kept.
+    """
+    branches = [c for c in node.children if isinstance(c, _HtmlNode)]
+    default = [c for c in branches if (c.attrs.get("id") or "").startswith("default")]
+    return default[:1] or branches
+
+
+def html_to_text(src: str, skip_classes: frozenset[str] | set[str] = frozenset()) -> str:
+    """Visible text of an HTML page: one line per heading, paragraph, list item or table cell.
+
+    Page chrome (`<head>`, scripts, `<header>`, `<nav>`, `<aside>`, `<footer>`), images and `hidden` elements are
+    dropped, and so is every element with a class in `skip_classes`; of a LibreOffice help switch only the branch
+    a reader without context sees is kept. `<pre>` keeps its line breaks, `<br>` breaks the line.
+    Standard library only (html.parser).
+    """
+    tree = _HtmlTree()
+    tree.feed(src)
+    tree.close()
+    parts: list[str] = []
+
+    def walk(node: _HtmlNode, pre: bool) -> None:
+        classes = set((node.attrs.get("class") or "").split())
+        if node.tag in _HTML_SKIP or classes & skip_classes:
+            return
+        if node.tag == "br":
+            parts.append("\n")
+            return
+        switch = bool(classes & {"switch", "switchinline"})
+        children = _switch_branches(node) if switch else node.children
+        pre = pre or node.tag == "pre"
+        block = node.tag in _HTML_BLOCKS
+        parts.append("\n" if block else "")
+        for child in children:
+            if isinstance(child, str):
+                parts.append(child if pre else re.sub(r"\s+", " ", child))
+            elif switch or "hidden" not in child.attrs:
+                walk(child, pre)
+        parts.append("\n" if block else "")
+
+    walk(tree.root, pre=False)
+    lines = (re.sub(" {2,}", " ", line).strip() for line in "".join(parts).split("\n"))
+    return _normalise("\n".join(line for line in lines if line))
+
+
+def _is_hangul(ch: str) -> bool:
+    code = ord(ch)
+    return (0xAC00 <= code <= 0xD7A3 or 0x1100 <= code <= 0x11FF or 0x3130 <= code <= 0x318F
+            or 0xA960 <= code <= 0xA97F or 0xD7B0 <= code <= 0xD7FF)
+
+
+_WORD = re.compile(r"[^\W\d_]+")  # a run of letters
+
+
+def hangul_share(text: str) -> float:
+    """Share of the words (runs of letters) of `text` that contain Hangul; 0.0 when it has no letters.
+
+    Words, not letters: a Hangul syllable is one character where an English term is several, so a Korean
+    sentence naming `stable`, `bookworm` or `LibreOffice` would otherwise look foreign. A word with a
+    particle attached (`bookworm를`) counts as Korean.
+    """
+    words = _WORD.findall(text)
+    return sum(any(map(_is_hangul, word)) for word in words) / len(words) if words else 0.0
+
+
+def hangul_lines(text: str, min_share: float = 0.5) -> str:
+    """The lines of `text` whose words are at least `min_share` Korean (see `hangul_share`), in order."""
+    return "\n".join(line for line in text.split("\n") if hangul_share(line) >= min_share)

@@ -319,8 +319,12 @@ def pretrain(
     cfg: TrainConfig | None = None,
     seq_len: int = 256,
     seed: int = 0,
+    train_norm: bool = False,
 ) -> StageStats:
-    """ELO stage 1: train the decoder layers of a shallow model (from `elo detach`) and save it to `out`."""
+    """ELO stage 1: train the decoder layers of a shallow model (from `elo detach`) and save it to `out`.
+
+    Layers detached as frozen stay frozen; `train_norm` also trains the final norm (written back by `merge`).
+    """
     cfg = cfg or TrainConfig()
     shallow_dir = checkpoint.require_model_dir(shallow_dir)
     provenance = checkpoint.read_provenance(shallow_dir)
@@ -329,7 +333,17 @@ def pretrain(
     with stage_output(out) as (staging, main):
         torch.manual_seed(seed)
         model = checkpoint.load_model(shallow_dir)
-        train_only_layers(model)
+        kept = provenance["layers"]
+        train_only_layers(model, [kept.index(layer) for layer in provenance.get("trained_layers", kept)])
+        if train_norm:
+            params = dict(model.named_parameters())
+            names = surgery.final_norm_names(model)
+            # The originals' digests let `merge` refuse a base the norm did not come from, as for the layers.
+            provenance = {**provenance, "trained_tensors": names,
+                          "replaced_digests": {**provenance["replaced_digests"],
+                                               **{n: checkpoint.tensor_digest(params[n].detach()) for n in names}}}
+            for name in names:
+                params[name].requires_grad_(True)
         stats = run_trainer(model, dataset, cfg, staging, seed)
         if not main:
             return stats

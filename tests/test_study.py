@@ -1,0 +1,133 @@
+"""`elo study` on a tiny model: every method, both budgets, shared stage 1, resume, and bad study files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from elo_cpt import costmodel, study
+from elo_cpt.cli import main
+from elo_cpt.errors import EloError
+
+
+def tiny_study(tiny_model, corpora, cells):
+    return {
+        "run": {
+            "model": str(tiny_model),
+            "data": {"target": [str(corpora["train_de"])], "english": [str(corpora["train_en"])],
+                     "eval": {"de": str(corpora["eval_de"]), "en": str(corpora["eval_en"])}},
+            "seq_len": 32, "stage1": {"tokens": 1280, "lr": 1e-3, "batch_size": 2},
+            "align": {"lr": 1e-3, "batch_size": 2, "token_ratio": 0.25},
+            "eval": {"max_chars": 2000, "sample_tokens": 0},
+        },
+        "cells": cells,
+    }
+
+
+CELLS = [
+    {"name": "base", "method": "base"},
+    {"name": "elo", "method": "elo"},
+    {"name": "align-only", "method": "control"},
+    {"name": "fft-flops", "method": "fft", "budget": "flops"},
+    {"name": "lora-tokens", "method": "lora", "budget": "tokens"},
+    {"name": "freeze-flops", "method": "freeze", "budget": "flops"},
+    {"name": "no-align", "method": "elo", "group": "alignment budget", "set": {"align.token_ratio": 0.0}},
+    {"name": "emulator-norm", "method": "elo", "group": "options",
+     "set": {"stage1.frozen_layers": "2", "stage1.train_norm": True, "align.method": "freeze"}},
+]
+
+
+def test_study_runs_every_method_and_resumes(tiny_model, corpora, tmp_path):
+    spec = tiny_study(tiny_model, corpora, CELLS)
+    out = tmp_path / "study"
+    results = study.study(spec, out)
+    cells = {c["name"]: c for c in results["cells"]}
+    assert set(cells) == {c["name"] for c in CELLS} and not any(c.get("missing") for c in cells.values())
+    # Budgets: ELO trains stage 1 + 25% alignment; equal tokens matches that, equal FLOPs matches its cost.
+    assert cells["elo"]["tokens"] == 1280 + 320 and cells["lora-tokens"]["tokens"] == 1600
+    assert cells["align-only"]["tokens"] == 320
+    for name in ("fft-flops", "freeze-flops"):
+        # Whole sequences, as many as ELO's FLOPs pay for: within one sequence's cost below ELO's.
+        per_sequence = cells[name]["flops"] / cells[name]["tokens"] * 32
+        assert cells["elo"]["flops"] - per_sequence < cells[name]["flops"] <= cells["elo"]["flops"]
+    assert cells["fft-flops"]["tokens"] < cells["freeze-flops"]["tokens"] < cells["elo"]["tokens"]
+    # The alignment-budget cell shares the ELO cell's stage 1: one stage-1 folder for the two.
+    assert len(list((out / "stage1").iterdir())) == 2
+    assert cells["no-align"]["eval"]["final"] == cells["no-align"]["eval"]["merged"] == cells["elo"]["eval"]["merged"]
+    assert cells["elo"]["eval"]["final"] != cells["elo"]["eval"]["merged"]
+    for cell in cells.values():
+        assert set(cell["eval"]["final"]) == {"de", "en"}
+        assert not (out / "cells" / cell["name"] / "model").exists()  # deleted once evaluated
+    assert cells["base"]["tokens"] == 0 and cells["elo"]["peak_rss_bytes"] > 0
+    # The results table has a row per cell and the plot exists.
+    table = (out / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in cells) and "## alignment budget" in table
+    assert (out / "results.png").stat().st_size > 1000
+    assert json.loads((out / "results.json").read_text()) == results
+    # A rerun keeps finished cells: their results are not rewritten.
+    stamp = (out / "cells" / "elo" / study.RESULT).stat().st_mtime_ns
+    assert study.study(spec, out)["cells"] == results["cells"]
+    assert (out / "cells" / "elo" / study.RESULT).stat().st_mtime_ns == stamp
+    # A cell changed under the same name is refused before anything runs.
+    changed = tiny_study(tiny_model, corpora, [{"name": "elo", "method": "elo", "set": {"stage1.lr": 1e-4}}])
+    with pytest.raises(EloError, match="other settings"):
+        study.study(changed, out)
+
+
+def test_emulator_layers_stay_frozen_and_norm_is_written_back(tiny_model, corpora, tmp_path):
+    """A frozen emulator layer is computed in stage 1 but neither trained nor merged; a trained norm is merged."""
+    from safetensors.torch import load_file
+
+    from elo_cpt import surgery, train
+
+    shallow = surgery.detach(tiny_model, "0,-1", tmp_path / "shallow", frozen_layers="2")
+    trained = tmp_path / "stage1"
+    cfg = train.TrainConfig(tokens=320, lr=1e-2, batch_size=2)
+    train.pretrain(shallow, [str(corpora["train_de"])], trained, cfg, seq_len=32, train_norm=True)
+    before, after = load_file(shallow / "model.safetensors"), load_file(trained / "model.safetensors")
+    assert any(k.startswith("model.layers.1.") for k in after)  # the emulator layer (base layer 2) is in the model
+    assert all((before[k] == after[k]).all() for k in after if k.startswith("model.layers.1."))
+    assert not (before["model.norm.weight"] == after["model.norm.weight"]).all()
+    merged = surgery.merge(tiny_model, trained, tmp_path / "merged")
+    base, out = load_file(tiny_model / "model.safetensors"), load_file(merged / "model.safetensors")
+    assert (out["model.norm.weight"] == after["model.norm.weight"]).all()
+    assert not (out["model.layers.4.mlp.up_proj.weight"] == base["model.layers.4.mlp.up_proj.weight"]).all()
+    for name in base:
+        if not name.startswith(("model.layers.0.", "model.layers.4.", "model.norm.")):
+            assert (out[name] == base[name]).all(), name
+    with pytest.raises(EloError, match="both trained and frozen"):
+        surgery.detach(tiny_model, "0,-1", tmp_path / "bad", frozen_layers="0")
+
+
+def test_emulator_cost_counts_the_frozen_layers():
+    shape = costmodel.Shape(num_layers=8, hidden=64, intermediate=128, heads=4, kv_heads=4, head_dim=16, vocab=100, tied=True)
+    plain = costmodel.step_cost(shape, "elo", [0, 7])
+    emulated = costmodel.step_cost(shape, "elo", [0, 7], frozen=[3])
+    # One more layer, computed forward and backward (gradients flow through it) but without weight gradients.
+    assert emulated.flops_per_token - plain.flops_per_token == pytest.approx(4 * shape.layer_params)
+    assert emulated.trainable_params == plain.trainable_params and emulated.computed_layers == 3
+
+
+@pytest.mark.parametrize("cells, message", [
+    ([{"name": "a", "method": "magic"}], "unknown method"),
+    ([{"name": "a", "method": "fft"}], "no cell named 'elo'"),
+    ([{"name": "elo", "method": "base"}, {"name": "b", "method": "fft"}], "must be an elo cell"),
+    ([{"name": "elo", "method": "elo"}, {"name": "elo", "method": "elo"}], "unique"),
+    ([{"name": "elo", "method": "elo", "set": {"stage1.lrr": 1}}], "unknown config key 'stage1.lrr'"),
+    ([{"name": "a/b", "method": "elo"}], "names a folder"),
+    ([{"name": "elo", "method": "elo", "budget": "hours"}], "budget"),
+    ([{"name": "elo"}], "give name and method"),
+])
+def test_bad_study_files_fail_with_a_clear_error(tiny_model, corpora, tmp_path, cells, message):
+    with pytest.raises(EloError, match=message):
+        study.study(tiny_study(tiny_model, corpora, cells), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_lists_the_builtin_german_study(capsys):
+    assert main(["study", "nope", "--out", "x", "--list"]) == 1
+    assert "built-in study (de" in capsys.readouterr().err
+    assert "de" in study.builtin_studies()
+    parsed = study.load_study("de")
+    assert {"base", "elo", "align-only", "fft-flops", "fft-tokens"} <= {c.name for c in parsed.cells}
