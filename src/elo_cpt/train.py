@@ -22,13 +22,12 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import safetensors.torch
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
@@ -262,7 +261,8 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return None
 
 
-def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainConfig, work_dir: Path, seed: int) -> StageStats:
+def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainConfig, work_dir: Path, seed: int
+                ) -> tuple[StageStats, Trainer]:
     """Train `model` in place on `dataset` for one pass; checkpoints go to `work_dir/checkpoints`."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     dataset = data.PackedDataset(dataset.rows[order])
@@ -287,7 +287,7 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
     losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
     if args.process_index == 0:
         save_loss_plot(losses, work_dir / "loss.png")
-    return StageStats(
+    stats = StageStats(
         steps=trainer.state.global_step,
         tokens=min(trainer.state.global_step * tokens_per_step, len(dataset) * seq_len),
         seconds=round(seconds, 2),
@@ -296,6 +296,7 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         losses=losses,
     )
+    return stats, trainer
 
 
 @contextlib.contextmanager
@@ -312,6 +313,46 @@ def stage_output(out: str | Path) -> Iterator[tuple[Path, bool]]:
         yield checkpoint.staging_path(Path(out)), False
 
 
+def _run_stage(
+    model_dir: Path,
+    sources: list[str],
+    out: str | Path,
+    cfg: TrainConfig,
+    seq_len: int,
+    seed: int,
+    prepare: Callable[[PreTrainedModel], PreTrainedModel],
+    save: Callable[[PreTrainedModel, Path], None],
+    extra_stats: dict | None = None,
+    provenance: dict | None = None,
+) -> StageStats:
+    """The sequence every training stage shares: data, model, what trains (`prepare`), Trainer, then the result in
+    `out` (`save` writes the model files from the in-memory model; the side files, stats and a shallow model's
+    provenance, as it stands after `prepare`, are added here).
+
+    Under FSDP or DeepSpeed the parameters are sharded across processes, so the model is gathered and saved with
+    Trainer's own `save_model` on every process instead of `save`.
+    """
+    tokenizer = checkpoint.load_tokenizer(model_dir)
+    dataset = data.load_training_data(sources, tokenizer, seq_len, cfg.tokens)
+    with stage_output(out) as (staging, main):
+        torch.manual_seed(seed)
+        model = prepare(checkpoint.load_model(model_dir))
+        stats, trainer = run_trainer(model, dataset, cfg, staging, seed)
+        sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+        if sharded:
+            trainer.save_model(str(staging))  # collective: every process takes part in gathering the weights
+        if not main:
+            return stats
+        shutil.rmtree(staging / "checkpoints", ignore_errors=True)
+        if not sharded:
+            save(model, staging)
+        checkpoint.copy_side_files(model_dir, staging, skip=("config.json", "generation_config.json"))
+        checkpoint.write_json(staging / STATS_FILE, {**stats.to_dict(), **(extra_stats or {})})
+        if provenance is not None:
+            checkpoint.write_json(staging / checkpoint.PROVENANCE, provenance)
+    return stats
+
+
 def pretrain(
     shallow_dir: str | Path,
     sources: list[str],
@@ -325,32 +366,27 @@ def pretrain(
 
     Layers detached as frozen stay frozen; `train_norm` also trains the final norm (written back by `merge`).
     """
-    cfg = cfg or TrainConfig()
     shallow_dir = checkpoint.require_model_dir(shallow_dir)
-    provenance = checkpoint.read_provenance(shallow_dir)
-    tokenizer = checkpoint.load_tokenizer(shallow_dir)
-    dataset = data.load_training_data(sources, tokenizer, seq_len, cfg.tokens)
-    with stage_output(out) as (staging, main):
-        torch.manual_seed(seed)
-        model = checkpoint.load_model(shallow_dir)
+    provenance = {**checkpoint.read_provenance(shallow_dir), "stage1_config": asdict(cfg or TrainConfig())}
+
+    def prepare(model: PreTrainedModel) -> PreTrainedModel:
         kept = provenance["layers"]
         train_only_layers(model, [kept.index(layer) for layer in provenance.get("trained_layers", kept)])
         if train_norm:
             params = dict(model.named_parameters())
             names = surgery.final_norm_names(model)
             # The originals' digests let `merge` refuse a base the norm did not come from, as for the layers.
-            provenance = {**provenance, "trained_tensors": names,
-                          "replaced_digests": {**provenance["replaced_digests"],
-                                               **{n: checkpoint.tensor_digest(params[n].detach()) for n in names}}}
+            provenance["trained_tensors"] = names
+            provenance["replaced_digests"] = {**provenance["replaced_digests"],
+                                              **{n: checkpoint.tensor_digest(params[n].detach()) for n in names}}
             for name in names:
                 params[name].requires_grad_(True)
-        stats = run_trainer(model, dataset, cfg, staging, seed)
-        if not main:
-            return stats
-        shutil.rmtree(staging / "checkpoints", ignore_errors=True)
-        surgery.save_shallow(model, {**provenance, "stage1_config": asdict(cfg)}, shallow_dir, staging)
-        checkpoint.write_json(staging / STATS_FILE, stats.to_dict())
-    return stats
+        return model
+
+    def save(model: PreTrainedModel, staging: Path) -> None:
+        model.save_pretrained(staging, safe_serialization=True)
+
+    return _run_stage(shallow_dir, sources, out, cfg or TrainConfig(), seq_len, seed, prepare, save, provenance=provenance)
 
 
 def finetune(
@@ -366,27 +402,19 @@ def finetune(
     """Fine-tune a whole model with `method` (fft, freeze or lora) and save a standard model folder to `out`."""
     if method not in METHODS:
         raise EloError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    cfg = cfg or TrainConfig()
     model_dir = checkpoint.require_model_dir(model_dir)
-    tokenizer = checkpoint.load_tokenizer(model_dir)
-    dataset = data.load_training_data(sources, tokenizer, seq_len, cfg.tokens)
-    with stage_output(out) as (staging, main):
-        torch.manual_seed(seed)
-        model = checkpoint.load_model(model_dir)
+
+    def prepare(model: PreTrainedModel) -> PreTrainedModel:
         if method == "freeze":
             train_only_layers(model, surgery.resolve_layers(layers, surgery.num_layers(model.config)))
         elif method == "lora":
-            model = _with_lora(model, cfg.lora_rank)
-        stats = run_trainer(model, dataset, cfg, staging, seed)
-        if not main:
-            return stats
-        if method == "lora":
-            model = model.merge_and_unload()
-        shutil.rmtree(staging / "checkpoints", ignore_errors=True)
-        model.save_pretrained(staging, safe_serialization=True)
-        checkpoint.copy_side_files(model_dir, staging, skip=("config.json", "generation_config.json"))
-        checkpoint.write_json(staging / STATS_FILE, {**stats.to_dict(), "method": method})
-    return stats
+            model = _with_lora(model, (cfg or TrainConfig()).lora_rank)
+        return model
+
+    def save(model: PreTrainedModel, staging: Path) -> None:
+        (model.merge_and_unload() if method == "lora" else model).save_pretrained(staging, safe_serialization=True)
+
+    return _run_stage(model_dir, sources, out, cfg or TrainConfig(), seq_len, seed, prepare, save, {"method": method})
 
 
 def _with_lora(model: PreTrainedModel, rank: int):
