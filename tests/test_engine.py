@@ -152,9 +152,11 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpora):
     assert result.returncode == 0, result.stderr[-3000:]
     one = json.loads((tmp_path / "one" / train.STATS_FILE).read_text())
     two = json.loads((tmp_path / "two" / train.STATS_FILE).read_text())
+    assert (one["processes"], two["processes"], two["sharding"]) == (1, 2, None)
     assert one["steps"] == two["steps"] == 10 and one["tokens"] == two["tokens"] == 1280
     assert [s for s, _ in one["losses"]] == [s for s, _ in two["losses"]]
     for (_, a), (_, b) in zip(one["losses"], two["losses"]):
         assert a == pytest.approx(b, rel=1e-4)
     for key, value in tensors(tmp_path / "one").items():
         torch.testing.assert_close(tensors(tmp_path / "two")[key], value, rtol=1e-4, atol=1e-5)
+

@@ -265,11 +265,11 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
                 ) -> tuple[StageStats, Trainer]:
     """Train `model` in place on `dataset` for one pass; checkpoints go to `work_dir/checkpoints`."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    dataset = data.PackedDataset(dataset.rows[order])
+    dataset = dataset.shuffled(order)  # a permutation of indices: the (memory-mapped) rows are not copied
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
     steps = math.ceil(len(dataset) / (cfg.batch_size * cfg.grad_accum * world))
     args = training_arguments(cfg, work_dir, steps, seed, bf16=model.dtype == torch.bfloat16)
-    seq_len = dataset.rows.shape[1]
+    seq_len = dataset.seq_len
     tokens_per_step = cfg.batch_size * cfg.grad_accum * max(1, args.world_size) * seq_len
     callbacks = [TokensPerSecond(tokens_per_step)]
     if args.process_index == 0:
@@ -347,7 +347,9 @@ def _run_stage(
         if not sharded:
             save(model, staging)
         checkpoint.copy_side_files(model_dir, staging, skip=("config.json", "generation_config.json"))
-        checkpoint.write_json(staging / STATS_FILE, {**stats.to_dict(), **(extra_stats or {})})
+        engine = "fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled else None
+        checkpoint.write_json(staging / STATS_FILE, {**stats.to_dict(), **(extra_stats or {}),
+                                                     "processes": trainer.args.world_size, "sharding": engine})
         if provenance is not None:
             checkpoint.write_json(staging / checkpoint.PROVENANCE, provenance)
     return stats
