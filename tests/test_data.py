@@ -81,7 +81,7 @@ def test_pack_rows_and_separators(tokenizer):
 def test_load_training_data_with_budget(tmp_path, tokenizer):
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps({"text": p}) + "\n" for p in data.read_documents(TEXT / "de.txt") * 5))
-    dataset = data.load_training_data([str(path)], tokenizer, seq_len=32, n_tokens=320)
+    dataset = data.load_training_data([str(path)], tokenizer, seq_len=32, n_tokens=320, cache_dir=tmp_path / "cache")
     assert len(dataset) == 10
     assert dataset[0]["input_ids"].equal(dataset[0]["labels"])
 
@@ -89,9 +89,10 @@ def test_load_training_data_with_budget(tmp_path, tokenizer):
 def test_single_source_budget_stops_early_and_too_small_is_an_error(tmp_path, tokenizer):
     path = tmp_path / "c.txt"
     path.write_text((TEXT / "de.txt").read_text())
-    assert len(data.load_training_data([str(path)], tokenizer, seq_len=16, n_tokens=64)) == 4
-    with pytest.raises(EloError, match="fewer than"):
-        data.load_training_data([str(path)], tokenizer, seq_len=16, n_tokens=100_000)
+    for cache in (tmp_path / "cache", None):
+        assert len(data.load_training_data([str(path)], tokenizer, seq_len=16, n_tokens=64, cache_dir=cache)) == 4
+        with pytest.raises(EloError, match="fewer than"):
+            data.load_training_data([str(path)], tokenizer, seq_len=16, n_tokens=100_000, cache_dir=cache)
 
 
 def test_invalid_utf8_is_replaced_with_a_warning(tmp_path, capsys):

@@ -35,6 +35,7 @@ def test_pipeline_on_a_tiny_model(tiny_model, corpora, tmp_path, capsys):
     assert metrics["stages"]["stage1"]["training"]["tokens"] == 1600 and metrics["stages"]["align"]["training"]["tokens"] == 160
     assert {"detach", "stage1", "merge", "align", "eval base", "eval merged", "eval final"} == set(metrics["stages"])
     assert metrics["data"]["stage1"]["byte_share"]["en"] == pytest.approx(0.1, abs=0.002)
+    assert metrics["data"]["eval_overlap"] == {"de": 0, "en": 0}
     # The two stages train on disjoint documents.
     stage1 = {json.loads(line)["text"] for line in (run / "data" / "stage1.jsonl").read_text().splitlines()}
     aligned = {json.loads(line)["text"] for line in (run / "data" / "align.jsonl").read_text().splitlines()}
@@ -44,6 +45,16 @@ def test_pipeline_on_a_tiny_model(tiny_model, corpora, tmp_path, capsys):
     assert pipeline.run(cfg, run) == metrics
     with pytest.raises(EloError, match="another configuration"):
         pipeline.run(tiny_run_config(tiny_model, corpora, "layers=0,1"), run)
+
+
+def test_held_out_text_seen_in_training_is_reported(tiny_model, corpora, tmp_path, capsys):
+    leaked = tmp_path / "leaked_de.txt"
+    documents = [json.loads(line)["text"] for line in corpora["train_de"].read_text().splitlines()]
+    leaked.write_text("Ein Absatz, der nirgends sonst vorkommt, und lang genug ist.\n\n" + "\n\n".join(documents[:3]))
+    cfg = tiny_run_config(tiny_model, corpora, f"data.eval={{de: {leaked}, en: {corpora['eval_en']}}}", "align.token_ratio=0")
+    metrics = pipeline.run(cfg, tmp_path / "run")
+    assert metrics["data"]["eval_overlap"]["de"] >= 1 and metrics["data"]["eval_overlap"]["en"] == 0
+    assert "also occur in the training data" in capsys.readouterr().err
 
 
 def test_alignment_budget_zero_keeps_the_merged_model(tiny_model, corpora, tmp_path):
@@ -72,4 +83,6 @@ def test_default_pipeline_on_smollm2_improves_german(tmp_path):
     german = {name: result["de"]["bits_per_char"] for name, result in metrics["eval"].items()}
     assert german["final"] < german["base"], german
     assert metrics["stages"]["stage1"]["training"]["trainable_params"] == 2 * 3_540_096
+    # The held-out GNOME help pages share no paragraph with the training text.
+    assert metrics["data"]["eval_overlap"] == {"de": 0, "en": 0}
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")

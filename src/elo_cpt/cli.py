@@ -40,11 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     detach = sub.add_parser("detach", help="cut the shallow model (selected layers only) out of a model")
     detach.add_argument("model", help="Hugging Face model folder")
     detach.add_argument("--layers", default="0,-1", help="layers to keep, e.g. 0,-1 or 0,15,-1 or 0:4 (default 0,-1)")
+    detach.add_argument("--frozen-layers", default="", help="extra layers kept frozen in the shallow model and not written back (e.g. 10,20)")
     detach.add_argument("--out", required=True)
 
     pretrain = sub.add_parser("pretrain", help="ELO stage 1: train the layers of a shallow model")
     pretrain.add_argument("shallow", help="shallow model folder from `elo detach`")
     _add_training_options(pretrain, lr=1.5e-5)
+    pretrain.add_argument("--train-norm", action="store_true", help="also train the final norm (written back by merge)")
 
     merge = sub.add_parser("merge", help="write a shallow model's layers back into its base model")
     merge.add_argument("base")
@@ -94,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     bench.add_argument("--force", action="store_true", help="run methods even where the memory estimate exceeds what is available")
     bench.add_argument("--json", help="write the results to this JSON file")
+    bench.add_argument("--data", action="append", metavar="SOURCE",
+                       help="instead: tokenize + pack throughput of this corpus (repeatable) with MODEL's tokenizer, at --seq")
+    bench.add_argument("--documents", type=int, metavar="N", help="with --data: only the first N documents")
+    bench.add_argument("--workers", type=int, metavar="N", help="with --data: also time N threads and N processes (default: the CPU count)")
 
     study = sub.add_parser("study", help="a grid of runs (ELO variants and baselines) on the same data; one results table",
                            description="Run a study: ELO, its ablations and the baselines (full fine-tuning, LoRA, "
@@ -155,9 +161,9 @@ def dispatch(args: argparse.Namespace) -> None:
         overrides = args.args[1:] if config_file else args.args
         api.run(api.load_config(config_file, overrides), args.out)
     elif args.command == "detach":
-        print(api.detach(args.model, args.layers, args.out))
+        print(api.detach(args.model, args.layers, args.out, frozen_layers=args.frozen_layers))
     elif args.command == "pretrain":
-        stats = api.pretrain(args.shallow, args.data, args.out, _train_config(args), args.seq_len, args.seed)
+        stats = api.pretrain(args.shallow, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.train_norm)
         print(f"trained {stats.tokens:,} tokens in {stats.seconds:.0f} s; final loss {stats.final_loss}; saved {args.out}")
     elif args.command == "merge":
         print(api.merge(args.base, args.shallow, args.out))
@@ -172,6 +178,10 @@ def dispatch(args: argparse.Namespace) -> None:
     elif args.command == "report":
         html_path, md_path = api.write_report(args.run_dir)
         print(f"{html_path}\n{md_path}")
+    elif args.command == "bench" and args.data:
+        from elo_cpt.bench import bench_tokenization
+
+        bench_tokenization(args.data, args.model, args.seq, args.documents, args.workers, args.json)
     elif args.command == "bench":
         api.bench(args.model, args.methods, args.batch, args.seq, args.steps, args.warmup, args.layers, args.loss_chunk,
                   args.lora_rank, args.dtype, args.json, args.force)

@@ -158,6 +158,10 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
     if not (data_dir / "summary.json").is_file():
         log("[1/6] preparing the stage-1 and alignment mixtures")
         mixtures, summary = build_mixtures(cfg)  # before anything is written: bad corpora leave no output
+        for lang, path in cfg.data.eval.items():  # held-out scores mean nothing if the text was trained on
+            summary.setdefault("eval_overlap", {})[lang] = data.check_no_overlap(
+                (d for mixture in mixtures.values() for _, d in mixture), evaluation.read_eval_text(path, cfg.eval.max_chars),
+                name=f"held-out {lang} text {path}")
     data_dir.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     if mixtures is not None:
