@@ -34,7 +34,7 @@ CELLS = [
     {"name": "freeze-flops", "method": "freeze", "budget": "flops"},
     {"name": "no-align", "method": "elo", "group": "alignment budget", "set": {"align.token_ratio": 0.0}},
     {"name": "emulator-norm", "method": "elo", "group": "options",
-     "set": {"stage1.frozen_layers": "2", "stage1.train_norm": True, "align.method": "freeze"}},
+     "set": {"stage1.frozen_layers": "2", "stage1.train_norm": True, "stage1.bridge_tokens": 256, "align.method": "freeze"}},
 ]
 
 
@@ -131,3 +131,33 @@ def test_cli_lists_the_builtin_german_study(capsys):
     assert "de" in study.builtin_studies()
     parsed = study.load_study("de")
     assert {"base", "elo", "align-only", "fft-flops", "fft-tokens"} <= {c.name for c in parsed.cells}
+
+
+def test_bridges_bring_the_shallow_model_closer_to_the_full_one(tiny_model, corpora, tmp_path, tokenizer):
+    """A least-squares bridge for the removed middle makes the shallow model's logits closer to the full model's, is
+    applied in stage 1, and is never trained, saved with the layers or merged."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from elo_cpt import checkpoint, data, surgery, train
+
+    rows = data.load_training_data([str(corpora["train_de"])], tokenizer, seq_len=32, n_tokens=1024, cache_dir=None)
+    ids = torch.stack([rows[i]["input_ids"] for i in range(len(rows))])
+    shallow = surgery.detach(tiny_model, "0,-1", tmp_path / "shallow")
+    assert surgery.bridge_gaps([0, 4], 5) == [(0, 4)] and surgery.bridge_gaps([1, 2], 5) == [(-1, 1), (2, 5)]
+    full = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    plain = checkpoint.load_model(shallow).eval()
+    with torch.no_grad():
+        target = full(ids).logits
+        error_plain = (plain(ids).logits - target).pow(2).mean()
+        surgery.add_bridges(tiny_model, shallow, ids)
+        bridged = checkpoint.load_model(shallow).eval()
+        assert surgery.apply_bridges(bridged, shallow) == 1
+        error_bridged = (bridged(ids).logits - target).pow(2).mean()
+    assert error_bridged < 0.8 * error_plain, (error_bridged, error_plain)
+    trained = tmp_path / "stage1"
+    train.pretrain(shallow, [str(corpora["train_de"])], trained, train.TrainConfig(tokens=320, lr=1e-2, batch_size=2), seq_len=32)
+    assert not any("bridge" in name for name in load_file(trained / "model.safetensors"))
+    assert load_file(shallow / surgery.BRIDGE_FILE)["0->4"].shape == (33, 32)
+    surgery.merge(tiny_model, trained, tmp_path / "merged")

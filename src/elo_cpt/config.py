@@ -63,6 +63,10 @@ class Stage1Config(TrainConfig):
     between the contexts the trained layers see in stage 1 and after the write-back, at their compute cost."""
     train_norm: bool = False
     """Also train the final norm in stage 1 (written back with the layers); the paper keeps it frozen."""
+    bridge_tokens: int = 0
+    """Fit frozen linear "bridges" for the removed layers on this many stage-1 tokens (a least-squares map between
+    the residual streams the full model has on either side of each gap) and apply them in stage 1; 0 turns it off.
+    Costs one forward pass of the full model over these tokens."""
 
 
 @dataclass
@@ -279,6 +283,7 @@ def validate(config: RunConfig) -> None:
         (config.align.token_ratio >= 0, "align.token_ratio must be >= 0"),
         (config.eval.max_chars >= 0, "eval.max_chars must be >= 0 (0 means all)"),
         (config.align.method in ("fft", "freeze", "lora"), "align.method must be fft, freeze or lora"),
+        (config.stage1.bridge_tokens >= 0, "stage1.bridge_tokens must be >= 0 (0 turns bridges off)"),
     ]
     for stage in ("stage1", "align"):
         train = getattr(config, stage)

@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import AutoConfig
 
@@ -115,6 +116,18 @@ def align_tokens(cfg: RunConfig) -> int:
     return int(round((cfg.stage1.tokens or 0) * cfg.align.token_ratio / cfg.seq_len)) * cfg.seq_len
 
 
+def make_shallow(cfg: RunConfig, stage1_data: Path, shallow: Path) -> None:
+    """The shallow model of `cfg` in `shallow`: detached, plus its bridges when `stage1.bridge_tokens` asks for them
+    (fitted on the first tokens of the stage-1 data). Finishes a folder an interrupted call left without bridges."""
+    if not shallow.is_dir():
+        surgery.detach(cfg.model, cfg.layers, shallow, frozen_layers=cfg.stage1.frozen_layers)
+    if cfg.stage1.bridge_tokens and not (shallow / surgery.BRIDGE_FILE).is_file():
+        calibration = data.load_training_data([str(stage1_data)], checkpoint.load_tokenizer(cfg.model), cfg.seq_len,
+                                              cfg.stage1.bridge_tokens)
+        rows = torch.stack([calibration[i]["input_ids"] for i in range(len(calibration))])
+        surgery.add_bridges(cfg.model, shallow, rows)
+
+
 def same_config(recorded: dict, resolved: dict) -> bool:
     """Whether a run folder's recorded config is `resolved`, read through the dataclasses so that a setting added
     to elo-cpt since the run started takes its default instead of counting as a difference."""
@@ -173,10 +186,10 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
 
     shallow, stage1, merged = (out / "stages" / n for n in ("shallow", "stage1", "merged"))
     if not stage1.is_dir():
-        if not shallow.is_dir():
+        if not shallow.is_dir() or (cfg.stage1.bridge_tokens and not (shallow / surgery.BRIDGE_FILE).is_file()):
             log(f"[2/6] detaching layers {cfg.layers} into a shallow model")
             with timings.step("detach"):
-                surgery.detach(cfg.model, cfg.layers, shallow, frozen_layers=cfg.stage1.frozen_layers)
+                make_shallow(cfg, data_dir / "stage1.jsonl", shallow)
         log(f"[3/6] ELO stage 1: training layers {cfg.layers} of the shallow model on {cfg.stage1.tokens:,} tokens")
         with timings.step("stage1"):
             train.pretrain(shallow, [str(data_dir / "stage1.jsonl")], stage1, cfg.stage1, cfg.seq_len, cfg.seed,

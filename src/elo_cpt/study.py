@@ -282,8 +282,7 @@ def _shared_stage1(cfg: RunConfig, root: Path) -> tuple[Path, dict]:
         stage1_data = _mixtures(replace(cfg, align=replace(cfg.align, tokens=0)), folder / "data", ("stage1",))["stage1"]
         if not stage1.is_dir():
             shallow = folder / "shallow"
-            if not shallow.is_dir():
-                surgery.detach(cfg.model, cfg.layers, shallow, frozen_layers=cfg.stage1.frozen_layers)
+            pipeline.make_shallow(cfg, stage1_data, shallow)
             train.pretrain(shallow, [str(stage1_data)], stage1, cfg.stage1, cfg.seq_len, cfg.seed, train_norm=cfg.stage1.train_norm)
             shutil.rmtree(shallow, ignore_errors=True)
         surgery.merge(cfg.model, stage1, merged)

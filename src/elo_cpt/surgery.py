@@ -325,3 +325,103 @@ def _trained_tensor(read: Callable[[str], torch.Tensor], name: str, dtype: torch
         raise EloError(f"trained tensor {name} has shape {tuple(tensor.shape)}, the base {tuple(shape)}; merge into the model it came from")
     # Training may run in another precision than the checkpoint's (fp32 on CPU, bf16 on GPU).
     return tensor.to(dtype)
+
+
+# ------------------------------------------------------------------ bridges
+
+#: Frozen linear maps standing in for the removed layers during stage 1 (written by `add_bridges`).
+BRIDGE_FILE = "elo_bridges.safetensors"
+
+
+def bridge_gaps(layers: list[int], n_layers: int) -> list[tuple[int, int]]:
+    """(a, b) for every place where the shallow model feeds the residual stream after base layer `a` (-1: the
+    embedding) straight into base layer `b` (`n_layers`: the final norm) although the full model has layers between."""
+    kept = [-1, *layers, n_layers]
+    return [(a, b) for a, b in zip(kept, kept[1:]) if b > a + 1]
+
+
+def _final_norm_module(model: nn.Module) -> nn.Module:
+    names = final_norm_names(model)
+    return model.get_submodule(names[0].rpartition(".")[0])
+
+
+def _stream_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def fit_bridges(base_dir: str | Path, layers: list[int], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Least-squares affine maps from the residual stream entering base layer a+1 to the stream entering base layer
+    b (or the final norm), for every gap of the shallow model, fitted on the full model's states for `rows`.
+
+    Needs the full model in memory once, for one forward pass over `rows` (a few calibration sequences).
+    """
+    model = checkpoint.load_model(base_dir).eval()
+    n = num_layers(model.config)
+    _, stack = find_decoder_layers(model)
+    gaps = bridge_gaps(layers, n)
+    watched = {i for a, b in gaps for i in (a + 1, b)}
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in watched}
+
+    def capture(index: int):
+        def hook(module, args, kwargs):
+            captured[index].append(_stream_input(args, kwargs).detach().reshape(-1, model.config.get_text_config().hidden_size))
+        return hook
+
+    handles = [(stack[i] if i < n else _final_norm_module(model)).register_forward_pre_hook(capture(i), with_kwargs=True)
+               for i in watched]
+    try:
+        with torch.no_grad():
+            for row in rows.split(4):
+                model(input_ids=row.to(model.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    bridges = {}
+    for a, b in gaps:
+        x = torch.cat(captured[a + 1]).double()
+        y = torch.cat(captured[b]).double()
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
+        bridges[f"{a}->{b}"] = torch.linalg.lstsq(x.cpu(), y.cpu()).solution.float().contiguous()
+    return bridges
+
+
+def add_bridges(base_dir: str | Path, shallow_dir: str | Path, rows: torch.Tensor) -> Path:
+    """Fit the bridges of a shallow model (see `fit_bridges`) and store them in its folder; stage 1 applies them."""
+    import safetensors.torch
+
+    shallow_dir = Path(shallow_dir)
+    provenance = checkpoint.read_provenance(shallow_dir)
+    bridges = fit_bridges(base_dir, provenance["layers"], rows)
+    path = shallow_dir / BRIDGE_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    safetensors.torch.save_file(bridges, tmp, metadata={"calibration_tokens": str(rows.numel())})
+    tmp.replace(path)
+    return path
+
+
+def apply_bridges(model: PreTrainedModel, shallow_dir: str | Path) -> int:
+    """Install the shallow model's frozen bridges (if it has any) as forward pre-hooks; return how many."""
+    path = Path(shallow_dir) / BRIDGE_FILE
+    if not path.is_file():
+        return 0
+    import safetensors.torch
+
+    provenance = checkpoint.read_provenance(Path(shallow_dir))
+    kept, n = provenance["layers"], provenance["base_num_layers"]
+    _, stack = find_decoder_layers(model)
+    bridges = safetensors.torch.load_file(path)
+    for key, weight in bridges.items():
+        b = int(key.split("->")[1])
+        target = stack[kept.index(b)] if b < n else _final_norm_module(model)
+        # A buffer moves with the model (to the GPU) but is neither trained nor saved, so `merge` never sees it.
+        target.register_buffer("_elo_bridge", weight.to(model.dtype), persistent=False)
+
+        def hook(module, args, kwargs):
+            hidden = _stream_input(args, kwargs)
+            bridged = hidden @ module._elo_bridge[:-1] + module._elo_bridge[-1]
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": bridged}
+            return (bridged, *args[1:]), kwargs
+
+        target.register_forward_pre_hook(hook, with_kwargs=True)
+    return len(bridges)

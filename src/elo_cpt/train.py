@@ -366,7 +366,8 @@ def pretrain(
 ) -> StageStats:
     """ELO stage 1: train the decoder layers of a shallow model (from `elo detach`) and save it to `out`.
 
-    Layers detached as frozen stay frozen; `train_norm` also trains the final norm (written back by `merge`).
+    Layers detached as frozen stay frozen, bridges fitted by `surgery.add_bridges` are applied (frozen);
+    `train_norm` also trains the final norm (written back by `merge`).
     """
     shallow_dir = checkpoint.require_model_dir(shallow_dir)
     provenance = {**checkpoint.read_provenance(shallow_dir), "stage1_config": asdict(cfg or TrainConfig())}
@@ -374,6 +375,7 @@ def pretrain(
     def prepare(model: PreTrainedModel) -> PreTrainedModel:
         kept = provenance["layers"]
         train_only_layers(model, [kept.index(layer) for layer in provenance.get("trained_layers", kept)])
+        surgery.apply_bridges(model, shallow_dir)
         if train_norm:
             params = dict(model.named_parameters())
             names = surgery.final_norm_names(model)
