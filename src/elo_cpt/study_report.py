@@ -102,13 +102,16 @@ def plot(results: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(12, 5), dpi=100)
     base = _base_eval(cells)
     markers = {"base": "s", "elo": "o", "control": "^", "fft": "D", "lora": "v", "freeze": "P"}
+    colours = {"base": "tab:grey", "elo": "tab:red", "control": "tab:green", "fft": "tab:blue", "lora": "tab:purple",
+               "freeze": "tab:brown"}
     for ax, lang in zip(axes, (target, "en")):
         for cell in cells:
             value = cell["eval"].get("final", {}).get(lang)
             if value is None:
                 continue
             x = cell["flops"] / 1e12
-            ax.scatter(x, value, marker=markers.get(cell["method"], "o"), label=METHOD_LABELS.get(cell["method"]))
+            ax.scatter(x, value, marker=markers.get(cell["method"], "o"), color=colours.get(cell["method"], "black"),
+                       label=METHOD_LABELS.get(cell["method"]))
             ax.annotate(cell["name"], (x, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if lang in base:
             ax.axhline(base[lang], color="grey", linestyle="--", linewidth=1)
