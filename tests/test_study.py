@@ -52,6 +52,8 @@ def test_study_runs_every_method_and_resumes(tiny_model, corpora, tmp_path):
         per_sequence = cells[name]["flops"] / cells[name]["tokens"] * 32
         assert cells["elo"]["flops"] - per_sequence < cells[name]["flops"] <= cells["elo"]["flops"]
     assert cells["fft-flops"]["tokens"] < cells["freeze-flops"]["tokens"] < cells["elo"]["tokens"]
+    # Bridges cost one forward pass of the full model over their calibration tokens, on top of the stage-1 layers.
+    assert cells["emulator-norm"]["flops"] > cells["elo"]["flops"]
     # The alignment-budget cell shares the ELO cell's stage 1: one stage-1 folder for the two.
     assert len(list((out / "stage1").iterdir())) == 2
     assert cells["no-align"]["eval"]["final"] == cells["no-align"]["eval"]["merged"] == cells["elo"]["eval"]["merged"]
@@ -126,8 +128,10 @@ def test_bad_study_files_fail_with_a_clear_error(tiny_model, corpora, tmp_path, 
 
 
 def test_cli_lists_the_builtin_german_study(capsys):
-    assert main(["study", "nope", "--out", "x", "--list"]) == 1
+    assert main(["study", "nope", "--list"]) == 1
     assert "built-in study (de" in capsys.readouterr().err
+    assert main(["study", "de"]) == 1
+    assert "needs --out" in capsys.readouterr().err
     assert "de" in study.builtin_studies()
     parsed = study.load_study("de")
     assert {"base", "elo", "align-only", "fft-flops", "fft-tokens"} <= {c.name for c in parsed.cells}

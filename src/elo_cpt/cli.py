@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "freeze-tuning, alignment only) at equal tokens or equal cost-model FLOPs. "
                                        "Rerunning resumes: finished cells are kept.")
     study.add_argument("study", metavar="CONFIG", help="study YAML file, or a built-in study: de (German), ko (Korean)")
-    study.add_argument("--out", required=True, help="study folder (results.md, results.json, results.png)")
+    study.add_argument("--out", help="study folder (results.md, results.json, results.png); required unless --list")
     study.add_argument("--cells", help="run only these cells, comma-separated (default: all, in file order)")
     study.add_argument("--list", action="store_true", help="list the cells with their planned tokens and FLOPs, then exit")
     return parser
@@ -194,6 +194,8 @@ def dispatch(args: argparse.Namespace) -> None:
                 planned = plan(parsed, cell)
                 print(f"{cell.name}\t{cell.method}\t{cell.group or '-'}\t{planned['tokens']:,} tokens\t{planned['flops'] / 1e12:.1f} TFLOPs")
             return
+        if not args.out:
+            raise EloError("elo study needs --out DIR, the study folder (rerun with the same folder to resume)")
         api.study(args.study, args.out, args.cells)
         print(f"{Path(args.out) / 'results.md'}")
     elif args.command == "assets":

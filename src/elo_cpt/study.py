@@ -176,7 +176,9 @@ def elo_plan(cfg: RunConfig) -> dict:
     stage1, align = cfg.stage1.tokens or 0, pipeline.align_tokens(cfg)
     align_method = {"fft": "align"}.get(cfg.align.method, cfg.align.method)
     flops = (stage1 * costmodel.step_cost(shape, "elo", layers, cfg.align.lora_rank, frozen).flops_per_token
-             + align * costmodel.step_cost(shape, align_method, layers, cfg.align.lora_rank).flops_per_token)
+             + align * costmodel.step_cost(shape, align_method, layers, cfg.align.lora_rank).flops_per_token
+             # fitting bridges is one forward pass of the full model over their calibration tokens
+             + min(cfg.stage1.bridge_tokens, stage1) * costmodel.step_cost(shape, "fft", layers).forward_flops)
     return {"stage1_tokens": stage1, "align_tokens": align, "tokens": stage1 + align, "flops": flops}
 
 
@@ -372,8 +374,10 @@ def collect(out: str | Path) -> dict:
     rows = []
     for cell in parsed.cells:
         path = out / "cells" / cell.name / RESULT
-        rows.append(json.loads(path.read_text()) if path.is_file() else {"name": cell.name, "method": cell.method,
-                                                                             "group": cell.group, "missing": True})
+        if path.is_file():  # FLOPs from the current cost model, so every cell is counted the same way
+            rows.append({**json.loads(path.read_text()), "flops": plan(parsed, cell)["flops"]})
+        else:
+            rows.append({"name": cell.name, "method": cell.method, "group": cell.group, "missing": True})
     results = {"target_language": cfg.target_language, "model": cfg.model, "run": parsed.run,
                "machine": study_report.machine(), "cells": rows}
     checkpoint.write_json(out / "results.json", results)
