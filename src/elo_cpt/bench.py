@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from elo_cpt import costmodel
+from elo_cpt import costmodel, study_report
 from elo_cpt.errors import EloError
 
 METHODS = ("elo", "freeze", "lora", "fft", "align", "elo-logits")
@@ -223,7 +223,7 @@ def bench(model: str, methods: list[str] | str = "elo,freeze,lora,fft,align", ba
     result = {
         "model": str(model), "shape": shape.__dict__, "layers": absolute, "batch": batch, "seq": seq, "steps": steps,
         "warmup": warmup, "loss_chunk": loss_chunk, "lora_rank": lora_rank, "dtype": dtype,
-        "machine": _machine(), "methods": rows,
+        "machine": study_report.machine(), "methods": rows,
     }
     _add_ratios(result, shape, absolute, lora_rank)
     print(format_table(result))
@@ -259,18 +259,6 @@ def _add_ratios(result: dict, shape: costmodel.Shape, layers: list[int], lora_ra
     else:
         pipeline["measured_speedup_vs_fft"] = None
     result["pipeline_9_1"] = pipeline
-
-
-def _machine() -> dict:
-    import platform
-
-    import torch
-
-    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def _fmt(value, spec: str, scale: float = 1.0, missing: str = "-") -> str:
@@ -399,7 +387,7 @@ def bench_tokenization(sources: list[str] | str, tokenizer_dir: str | Path, seq_
                    tokens_per_s=row["tokens"] / seconds)
         rows[name] = row
     result = {"sources": [str(s) for s in sources], "tokenizer": str(tokenizer_dir), "seq": seq_len,
-              "batch_documents": data.TOKENIZE_BATCH, "machine": _machine(), "settings": rows}
+              "batch_documents": data.TOKENIZE_BATCH, "machine": study_report.machine(), "settings": rows}
     print(format_tokenization_table(result))
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")

@@ -12,6 +12,7 @@ METHOD_LABELS = {"base": "base model", "elo": "ELO", "control": "alignment only"
 
 
 def machine() -> dict:
+    """What a measurement ran on: CPUs, platform, torch version and threads, the GPU if any, and when."""
     import torch
 
     info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
