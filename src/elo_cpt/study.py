@@ -220,8 +220,6 @@ def study(spec: str | Path | dict, out: str | Path, cells: list[str] | str | Non
             raise EloError(f"{out} ran cell {cell.name} with other settings; rename the cell or delete {recorded.parent}")
     plans = {cell.name: plan(parsed, cell) for cell in parsed.cells}
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_json(out / "study.json", {"run": parsed.run, "cells": [dataclasses.asdict(c) for c in parsed.cells],
-                                               "keep_models": parsed.keep_models})
     (out / "study.yaml").write_text(yaml.safe_dump({"run": parsed.run, "cells": [dataclasses.asdict(c) for c in parsed.cells],
                                                     "keep_models": parsed.keep_models}, sort_keys=False, allow_unicode=True))
     failed = []
@@ -305,7 +303,7 @@ def _evaluate(cfg: RunConfig, model_dir: Path, cache: Path) -> dict:
 def run_cell(out: str | Path, name: str) -> dict:
     """Run one cell of the study in `out` (the study must have been started by `study`); write its result."""
     out = Path(out)
-    parsed = load_study(json.loads((out / "study.json").read_text()))
+    parsed = load_study(yaml.safe_load((out / "study.yaml").read_text()))
     cell = parsed.cell(name)
     folder = out / "cells" / name
     planned = json.loads((folder / "cell.json").read_text())["plan"]
@@ -369,7 +367,7 @@ def collect(out: str | Path) -> dict:
     from elo_cpt import study_report
 
     out = Path(out)
-    parsed = load_study(json.loads((out / "study.json").read_text()))
+    parsed = load_study(yaml.safe_load((out / "study.yaml").read_text()))
     cfg = pipeline.resolve_defaults(config_mod.from_dict(parsed.run))
     rows = []
     for cell in parsed.cells:
