@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from conftest import TEXT
-from elo_cpt import data
+from elo_cpt import corpus, data
 from elo_cpt.errors import EloError
 
 
 def test_source_spec():
-    assert data.Source.parse("a/b.jsonl@0.9") == data.Source(data.Path("a/b.jsonl"), 0.9)
-    assert data.Source.parse("c.txt").weight == 1.0
+    assert corpus.Source.parse("a/b.jsonl@0.9") == corpus.Source(Path("a/b.jsonl"), 0.9)
+    assert corpus.Source.parse("c.txt").weight == 1.0
     with pytest.raises(EloError, match="weight"):
-        data.Source.parse("c.txt@x")
+        corpus.Source.parse("c.txt@x")
     with pytest.raises(EloError, match="positive"):
-        data.Source.parse("c.txt@0")
+        corpus.Source.parse("c.txt@0")
 
 
 def test_read_documents_txt_and_jsonl(tmp_path):
-    assert len(data.read_documents(TEXT / "de.txt")) == 12
+    assert len(corpus.read_documents(TEXT / "de.txt")) == 12
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_text('{"text": "eins"}\n\n{"text": "zwei"}\n')
-    assert data.read_documents(jsonl) == ["eins", "zwei"]
+    assert corpus.read_documents(jsonl) == ["eins", "zwei"]
 
 
 @pytest.mark.parametrize(
@@ -35,9 +36,9 @@ def test_bad_corpora(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content)
     with pytest.raises(EloError, match=message):
-        data.read_documents(path)
+        corpus.read_documents(path)
     with pytest.raises(EloError, match="does not exist"):
-        data.read_documents(tmp_path / "missing.txt")
+        corpus.read_documents(tmp_path / "missing.txt")
 
 
 def test_split_is_disjoint_and_takes_the_tail():
@@ -80,7 +81,7 @@ def test_pack_rows_and_separators(tokenizer):
 
 def test_load_training_data_with_budget(tmp_path, tokenizer):
     path = tmp_path / "c.jsonl"
-    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in data.read_documents(TEXT / "de.txt") * 5))
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in corpus.read_documents(TEXT / "de.txt") * 5))
     dataset = data.load_training_data([str(path)], tokenizer, seq_len=32, n_tokens=320, cache_dir=tmp_path / "cache")
     assert len(dataset) == 10
     assert dataset[0]["input_ids"].equal(dataset[0]["labels"])
@@ -98,7 +99,7 @@ def test_single_source_budget_stops_early_and_too_small_is_an_error(tmp_path, to
 def test_invalid_utf8_is_replaced_with_a_warning(tmp_path, capsys):
     path = tmp_path / "latin1.txt"
     path.write_bytes("Grüße aus Köln\n\nzweites Dokument".encode("latin-1"))
-    assert data.read_documents(path) == ["Gr\ufffd\ufffde aus K\ufffdln", "zweites Dokument"]
+    assert corpus.read_documents(path) == ["Gr\ufffd\ufffde aus K\ufffdln", "zweites Dokument"]
     assert "3 invalid UTF-8" in capsys.readouterr().err
 
 
@@ -109,26 +110,26 @@ def test_folders_globs_fields_parquet_and_saved_datasets(tmp_path):
     (folder / "sub" / "b.jsonl").write_text('{"content": "drei"}\n')
     (folder / "ignored.md").write_text("nicht")
     with pytest.raises(EloError, match="name the field"):
-        data.read_documents(folder)
+        corpus.read_documents(folder)
     (folder / "sub" / "b.jsonl").write_text('{"text": "drei"}\n')
-    assert data.read_documents(folder) == ["eins", "zwei", "drei"]
-    assert data.read_source(f"{folder}/**/*.jsonl") == ["drei"]
-    assert data.Source.parse("x.jsonl#content@0.5") == data.Source(data.Path("x.jsonl"), 0.5, "content")
+    assert corpus.read_documents(folder) == ["eins", "zwei", "drei"]
+    assert corpus.read_source(f"{folder}/**/*.jsonl") == ["drei"]
+    assert corpus.Source.parse("x.jsonl#content@0.5") == corpus.Source(Path("x.jsonl"), 0.5, "content")
     (tmp_path / "c.jsonl").write_text('{"content": "vier", "text": 5}\n')
-    assert data.read_source(f"{tmp_path}/c.jsonl#content") == ["vier"]
+    assert corpus.read_source(f"{tmp_path}/c.jsonl#content") == ["vier"]
     with pytest.raises(EloError, match="no .txt, .jsonl or .parquet file matches"):
-        data.read_source(f"{tmp_path}/*.csv")
+        corpus.read_source(f"{tmp_path}/*.csv")
 
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"body": ["fünf", "sechs"]}), tmp_path / "d.parquet")
-    assert data.read_source(f"{tmp_path}/d.parquet#body") == ["fünf", "sechs"]
+    assert corpus.read_source(f"{tmp_path}/d.parquet#body") == ["fünf", "sechs"]
     with pytest.raises(EloError, match="has no column 'text'"):
-        data.read_documents(tmp_path / "d.parquet")
+        corpus.read_documents(tmp_path / "d.parquet")
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(EloError, match="cannot read Parquet file"):
-        data.read_documents(tmp_path / "broken.parquet")
+        corpus.read_documents(tmp_path / "broken.parquet")
     datasets.Dataset.from_dict({"text": ["sieben", "acht"]}).save_to_disk(str(tmp_path / "saved"))
-    assert data.read_documents(tmp_path / "saved") == ["sieben", "acht"]
+    assert corpus.read_documents(tmp_path / "saved") == ["sieben", "acht"]

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from conftest import TEXT
-from elo_cpt import data
+from elo_cpt import corpus as corpus_mod, data, tokencache
 from elo_cpt.errors import EloError
 
 
 @pytest.fixture
 def corpus(tmp_path):
     path = tmp_path / "corpus.jsonl"
-    documents = data.read_documents(TEXT / "de.txt") * 6
+    documents = corpus_mod.read_documents(TEXT / "de.txt") * 6
     path.write_text("".join(json.dumps({"text": f"{i}: {d}"}) + "\n" for i, d in enumerate(documents)))
     return path
 
@@ -103,16 +103,16 @@ def test_folder_mixture_and_field_are_part_of_the_key(tmp_path, tokenizer, calls
     assert load(f"{folder}@0.5", f"{en}@0.5") > 0 and load(f"{folder}@0.5", f"{en}@0.5") == 0
     assert load(f"{folder}@1", f"{en}@1") == 0  # weights are normalised: 1:1 is 0.5:0.5
     assert load(f"{folder}@0.8", f"{en}@0.2") > 0
-    before = data.source_digest(str(folder))
+    before = corpus_mod.source_digest(str(folder))
     (folder / "a.txt").rename(folder / "b.txt")  # a folder's digest covers the file names inside it
-    assert data.source_digest(str(folder)) != before
-    assert data.source_digest(f"{folder}/*.txt") == data.source_digest(str(folder))
+    assert corpus_mod.source_digest(str(folder)) != before
+    assert corpus_mod.source_digest(f"{folder}/*.txt") == corpus_mod.source_digest(str(folder))
 
 
 def test_half_written_entries_are_ignored(tmp_path, corpus, tokenizer, calls):
     cache = tmp_path / "cache"
-    source = data.Source.parse(str(corpus))
-    key, _ = data.cache_key([source], tokenizer, 32, 640)
+    source = corpus_mod.Source.parse(str(corpus))
+    key, _ = tokencache.cache_key([source], tokenizer, data.separator_id(tokenizer), 32, 640)
     cache.mkdir()
     # A crash while writing the rows leaves a temporary file; one after renaming them, a .bin without its .json.
     (cache / f".{key}.999.bin.tmp").write_bytes(b"\0" * 100)
@@ -147,10 +147,10 @@ def test_an_interrupted_build_leaves_nothing(tmp_path, corpus, tokenizer, monkey
 
 def test_default_cache_location_and_disabling(tmp_path, corpus, tokenizer, monkeypatch):
     monkeypatch.setenv("ELO_CPT_TOKEN_CACHE", str(tmp_path / "own"))
-    assert data.token_cache_dir() == tmp_path / "own"
+    assert tokencache.token_cache_dir() == tmp_path / "own"
     monkeypatch.delenv("ELO_CPT_TOKEN_CACHE")
     monkeypatch.setenv("ELO_CPT_CACHE", str(tmp_path / "root"))
-    assert data.token_cache_dir() == tmp_path / "root" / "tokens"
+    assert tokencache.token_cache_dir() == tmp_path / "root" / "tokens"
     data.load_training_data([str(corpus)], tokenizer, seq_len=32, n_tokens=320)
     assert len(entries(tmp_path / "root" / "tokens")) == 2
     for off in (None, False):
@@ -179,7 +179,7 @@ def test_single_source_is_streamed(tmp_path, corpus, tokenizer, monkeypatch):
     monkeypatch.setattr(data, "TOKENIZE_BATCH", 10)
     with corpus.open("a") as f:
         f.write("{broken\n")
-    assert isinstance(data.iter_documents(corpus), type(x for x in ()))
+    assert isinstance(corpus_mod.iter_documents(corpus), type(x for x in ()))
     assert len(data.load_training_data([str(corpus)], tokenizer, seq_len=32, n_tokens=320, cache_dir=tmp_path / "c")) == 10
     with pytest.raises(EloError, match="not valid JSON"):
         data.load_training_data([str(corpus)], tokenizer, seq_len=32, cache_dir=tmp_path / "c")
@@ -194,9 +194,9 @@ def test_parquet_and_saved_dataset_stream_in_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "TOKENIZE_BATCH", 3)
     rows = [f"Zeile {i}" for i in range(10)] + [None]
     pq.write_table(pa.table({"body": rows}), tmp_path / "d.parquet", row_group_size=4)
-    assert data.read_source(f"{tmp_path}/d.parquet#body") == rows[:10]
+    assert corpus_mod.read_source(f"{tmp_path}/d.parquet#body") == rows[:10]
     datasets.Dataset.from_dict({"text": rows[:10]}).save_to_disk(str(tmp_path / "saved"))
-    assert data.read_documents(tmp_path / "saved") == rows[:10]
+    assert corpus_mod.read_documents(tmp_path / "saved") == rows[:10]
 
 
 # ---------------------------------------------------------------- held-out overlap
@@ -231,7 +231,7 @@ def test_overlap_counts_held_out_paragraphs_found_in_training(capsys):
 
 
 def test_overlap_of_the_embedded_split_is_zero(tokenizer):
-    documents = data.read_documents(TEXT / "de.txt")
+    documents = corpus_mod.read_documents(TEXT / "de.txt")
     head, tail = data.split_documents(documents, 0.25)
     assert data.check_no_overlap(head, "\n\n".join(tail), on_overlap="error") == 0
     assert data.check_no_overlap(documents, "\n\n".join(tail), on_overlap="ignore") == len(
@@ -244,7 +244,7 @@ def test_overlap_of_the_embedded_split_is_zero(tokenizer):
 @pytest.mark.parametrize("weight", ["nan", "inf", "-1", "0", "-0.0"])
 def test_weights_must_be_positive_finite_numbers(weight):
     with pytest.raises(EloError, match=f"bad data source 'de.txt@{weight}'.*positive"):
-        data.Source.parse(f"de.txt@{weight}")
+        corpus_mod.Source.parse(f"de.txt@{weight}")
 
 
 @pytest.mark.parametrize("weight", [float("nan"), -0.5, 0.0, float("inf")])
@@ -253,10 +253,10 @@ def test_mixing_names_the_source_with_a_bad_weight(tmp_path, tokenizer, weight):
         data.mix_documents([["a b"], ["c d"]], [1.0, weight], tokenizer, 10, names=["de.txt", "en.txt"])
     path = tmp_path / "en.txt"
     path.write_text("text")
-    sources = [data.Source(TEXT / "de.txt"), data.Source(path, weight)]
+    sources = [corpus_mod.Source(TEXT / "de.txt"), corpus_mod.Source(path, weight)]
     with pytest.raises(EloError, match=r"en\.txt: weight"):
         data.load_training_data(sources, tokenizer, seq_len=16, n_tokens=64, cache_dir=tmp_path / "c")
-    assert data.check_weights([9, 1], ["a", "b"]) == [0.9, 0.1]
+    assert corpus_mod.check_weights([9, 1], ["a", "b"]) == [0.9, 0.1]
 
 
 def test_weights_without_a_budget_are_reported_as_unused(tmp_path, tokenizer, capsys):
@@ -274,7 +274,7 @@ def test_unreadable_parquet_is_one_line_naming_the_file(tmp_path):
                           ("empty.parquet", b"")]:
         (tmp_path / name).write_bytes(content)
         with pytest.raises(EloError) as caught:
-            data.read_documents(tmp_path / name)
+            corpus_mod.read_documents(tmp_path / name)
         message = str(caught.value)
         assert message.startswith(f"cannot read Parquet file {tmp_path / name}: ") and "\n" not in message
 

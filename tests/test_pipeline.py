@@ -73,6 +73,7 @@ def test_bad_input_fails_before_any_output(tiny_model, corpora, tmp_path, overri
     with pytest.raises(EloError, match=message):
         pipeline.run(tiny_run_config(tiny_model, corpora, override.format(tmp=tmp_path)), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    assert not list(tmp_path.glob(".run.*")), "the mixtures' staging folder was left behind"
 
 
 @pytest.mark.slow

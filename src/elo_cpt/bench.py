@@ -308,20 +308,19 @@ def tokenization_worker(sources: list[str], tokenizer_dir: str, seq_len: int, ma
 
     import numpy as np
 
-    from elo_cpt import checkpoint, data
+    from elo_cpt import checkpoint, corpus, data
 
     tokenizer = checkpoint.load_tokenizer(tokenizer_dir)
     start = time.perf_counter()
     documents = []
     for source in sources:
-        parsed = data.Source.parse(source)
-        documents.extend(data.iter_documents(parsed.path, parsed.field))
+        documents.extend(corpus.source_documents(source))
     documents = documents[:max_documents] if max_documents else documents
     read_s = time.perf_counter() - start
     tokenizer(documents[:10], add_special_tokens=False)  # warm-up, untimed
     start = time.perf_counter()
     if processes > 1:
-        shards = [(tokenizer_dir, documents[i : i + data.TOKENIZE_BATCH]) for i in range(0, len(documents), data.TOKENIZE_BATCH)]
+        shards = [(tokenizer_dir, documents[i : i + corpus.TOKENIZE_BATCH]) for i in range(0, len(documents), corpus.TOKENIZE_BATCH)]
         with multiprocessing.get_context("fork").Pool(processes) as pool:
             ids = np.concatenate(pool.map(_tokenize_shard, shards))
     else:
@@ -346,7 +345,7 @@ def tokenization_worker(sources: list[str], tokenizer_dir: str, seq_len: int, ma
 def bench_tokenization(sources: list[str] | str, tokenizer_dir: str | Path, seq_len: int = 256, max_documents: int | None = None,
                        workers: int | None = None, json_path: str | Path | None = None) -> dict:
     """Documents/s, characters/s and tokens/s of tokenize + pack (the fast tokenizer on batches of
-    `data.TOKENIZE_BATCH` documents, ids joined by the separator, cut into rows of `seq_len`).
+    `corpus.TOKENIZE_BATCH` documents, ids joined by the separator, cut into rows of `seq_len`).
 
     Settings, each in a fresh process: the tokenizer on one thread; and, with `workers` > 1 (default: the CPU
     count), on `workers` threads (its own batch parallelism, which `load_training_data` uses unless
@@ -354,7 +353,7 @@ def bench_tokenization(sources: list[str] | str, tokenizer_dir: str | Path, seq_
     last setting `load_training_data` uses also times it end to end, cold (hash + read + tokenize + pack + write
     the cache) and warm (a cache hit).
     """
-    from elo_cpt import checkpoint, data
+    from elo_cpt import checkpoint, corpus
 
     sources = [sources] if isinstance(sources, str) else list(sources)
     if not sources:
@@ -387,7 +386,7 @@ def bench_tokenization(sources: list[str] | str, tokenizer_dir: str | Path, seq_
                    tokens_per_s=row["tokens"] / seconds)
         rows[name] = row
     result = {"sources": [str(s) for s in sources], "tokenizer": str(tokenizer_dir), "seq": seq_len,
-              "batch_documents": data.TOKENIZE_BATCH, "machine": study_report.machine(), "settings": rows}
+              "batch_documents": corpus.TOKENIZE_BATCH, "machine": study_report.machine(), "settings": rows}
     print(format_tokenization_table(result))
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")

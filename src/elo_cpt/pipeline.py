@@ -18,10 +18,12 @@ steps and resumes training from its last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import replace
@@ -31,7 +33,7 @@ import torch
 import yaml
 from transformers import AutoConfig
 
-from elo_cpt import assets, checkpoint, config as config_mod, data, evaluation, lmeval, report, samples, surgery, train
+from elo_cpt import assets, checkpoint, config as config_mod, corpus, data, evaluation, lmeval, report, samples, surgery, train
 from elo_cpt.config import RunConfig
 from elo_cpt.errors import EloError
 
@@ -65,34 +67,43 @@ def resolve_defaults(cfg: RunConfig) -> RunConfig:
     )
 
 
-def build_mixtures(cfg: RunConfig) -> tuple[dict[str, list[tuple[str, str]]], dict]:
-    """The stage-1 and alignment mixtures as (language, document) lists over disjoint documents, and a summary."""
+def write_mixtures(cfg: RunConfig, folder: Path, parts: tuple[str, ...] = ("stage1", "align")) -> dict:
+    """Write the stage-1 and alignment mixtures (those of `parts` with a token budget) to `folder/<part>.jsonl`, one
+    JSON line per document with its language, over disjoint documents; return a summary of them.
+
+    The corpora are streamed (split, mixed and written without being held in memory), and each file is written
+    atomically: a bad corpus raises before its file appears.
+    """
     tokenizer = checkpoint.load_tokenizer(cfg.model)
     english = cfg.data.english if cfg.data.english_share > 0 else []
     paths = cfg.data.target + english
     weights = [(1 - cfg.data.english_share) / len(cfg.data.target)] * len(cfg.data.target)
     weights += [cfg.data.english_share / len(english)] * len(english) if english else []
     languages = [cfg.target_language] * len(cfg.data.target) + ["en"] * len(english)
-    splits = [data.split_documents(data.read_source(p), cfg.data.align_holdout) for p in paths]
+    splits = [data.split_stream(functools.partial(corpus.source_documents, p), cfg.data.align_holdout) for p in paths]
     budgets = {"stage1": cfg.stage1.tokens, "align": align_tokens(cfg)}
-    mixtures, summary = {}, {}
-    for part, (name, tokens) in enumerate(budgets.items()):
-        if not tokens:
+    summary: dict = {}
+    for index, (name, tokens) in enumerate(budgets.items()):
+        if not tokens or name not in parts:
             continue
         names = [f"{p} ({name} part)" for p in paths]
-        mixture = [(languages[i], d) for i, d in data.mix_documents([s[part] for s in splits], weights, tokenizer, tokens, names)]
-        byte_counts = Counter()
-        for lang, document in mixture:
-            byte_counts[lang] += len(document.encode())
+        mixture = data.mix_stream([split[index] for split in splits], weights, tokenizer, tokens, names)
+        byte_counts: Counter = Counter()
+
+        def records(mixture=mixture, byte_counts=byte_counts):
+            for which, document in mixture:
+                byte_counts[languages[which]] += len(document.encode())
+                yield {"text": document, "lang": languages[which]}
+
+        documents = data.write_jsonl(folder / f"{name}.jsonl", records())
         total = sum(byte_counts.values())
-        mixtures[name] = mixture
         summary[name] = {
-            "documents": len(mixture),
+            "documents": documents,
             "tokens": tokens,
             "byte_share": {lang: round(b / total, 4) for lang, b in byte_counts.items()},
         }
     summary["sources"] = {str(p): lang for p, lang in zip(paths, languages)}
-    return mixtures, summary
+    return summary
 
 
 class Timings:
@@ -167,20 +178,25 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
         evaluation.read_eval_text(path)
     task_manager = check_eval_settings(cfg)
     data_dir = out / "data"
-    mixtures = None
     if not (data_dir / "summary.json").is_file():
         log("[1/6] preparing the stage-1 and alignment mixtures")
-        mixtures, summary = build_mixtures(cfg)  # before anything is written: bad corpora leave no output
-        for lang, path in cfg.data.eval.items():  # held-out scores mean nothing if the text was trained on
-            summary.setdefault("eval_overlap", {})[lang] = data.check_no_overlap(
-                (d for mixture in mixtures.values() for _, d in mixture), evaluation.read_eval_text(path, cfg.eval.max_chars),
-                name=f"held-out {lang} text {path}")
-    data_dir.mkdir(parents=True, exist_ok=True)
+        # built beside the run folder and moved in when complete: bad corpora leave no output
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.data.", dir=out.parent))
+        try:
+            summary = write_mixtures(cfg, staging)
+            for lang, path in cfg.data.eval.items():  # held-out scores mean nothing if the text was trained on
+                summary.setdefault("eval_overlap", {})[lang] = data.check_no_overlap(
+                    (d for part in ("stage1", "align") if (staging / f"{part}.jsonl").is_file()
+                     for d in corpus.iter_documents(staging / f"{part}.jsonl")),
+                    evaluation.read_eval_text(path, cfg.eval.max_chars), name=f"held-out {lang} text {path}")
+            checkpoint.write_json(staging / "summary.json", summary)
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(data_dir, ignore_errors=True)  # a leftover of an interrupted move
+            staging.rename(data_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     config_path.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
-    if mixtures is not None:
-        for name, mixture in mixtures.items():
-            data.write_jsonl(data_dir / f"{name}.jsonl", [d for _, d in mixture], [{"lang": lang} for lang, _ in mixture])
-        checkpoint.write_json(data_dir / "summary.json", summary)
     data_summary = json.loads((data_dir / "summary.json").read_text())
     timings = Timings(out / "timings.json")
 

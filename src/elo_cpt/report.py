@@ -6,27 +6,28 @@ not built in are picked up from metrics.json as they appear: any extra model und
 "baseline_fft") gets a bar, a table row and a comparison with the final model; a `baselines` section gets rows in
 the cost table and its own loss curves.
 
-A leaf module: it reads the metrics dictionary the pipeline writes, and imports nothing else of elo_cpt but errors.
+The figures are drawn in report_figures.py and the page templates are package data (templates/report.*.j2).
+
+A leaf module: it reads the metrics dictionary the pipeline writes, and imports nothing else of elo_cpt but errors and
+report_figures.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import os
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 
 import jinja2
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from elo_cpt.errors import EloError
+from elo_cpt.report_figures import plot_bits_per_char, plot_cost, plot_losses
 
 MODEL_LABELS = {
     "base": "base model",
@@ -40,8 +41,6 @@ LANGUAGES = {"de": "German", "en": "English", "fr": "French", "es": "Spanish", "
              "ja": "Japanese", "zh": "Chinese", "ar": "Arabic", "hi": "Hindi", "ru": "Russian", "pt": "Portuguese"}
 HTML_FILE, MD_FILE, FILES_DIR = "report.html", "report.md", "report_files"
 DEFAULT_TOLERANCE_PCT = 1.0
-_COLOURS = {"base": "#9aa0a6", "merged": "#7fb3e0", "final": "#1a5fb4"}
-_EXTRA_COLOURS = ["#e66100", "#2ca02c", "#9141ac", "#c01c28", "#986a44", "#5e5c64"]
 
 
 def label(name: str) -> str:
@@ -136,45 +135,6 @@ def forgetting(metrics: dict) -> list[dict]:
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------- plots
-
-
-def _colour(name: str, order: list[str]) -> str:
-    if name in _COLOURS:
-        return _COLOURS[name]
-    extras = [n for n in order if n not in _COLOURS]
-    return _EXTRA_COLOURS[extras.index(name) % len(_EXTRA_COLOURS)]
-
-
-def _png(figure: Figure) -> bytes:
-    FigureCanvasAgg(figure)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
-
-
-def plot_bits_per_char(evaluation: dict) -> bytes:
-    """Grouped bars: bits/char per language (groups) per model (bars), value on top of each bar."""
-    models = list(evaluation)
-    languages = list(dict.fromkeys(lang for result in evaluation.values() for lang in result))
-    figure = Figure(figsize=(8, 3.8))
-    axes = figure.add_subplot()
-    width = 0.8 / len(models)
-    for i, name in enumerate(models):
-        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(languages))]
-        values = [evaluation[name].get(lang, {}).get("bits_per_char", math.nan) for lang in languages]
-        bars = axes.bar(xs, values, width * 0.92, label=label(name), color=_colour(name, models))
-        axes.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
-    axes.set_xticks(range(len(languages)), [language(lang) for lang in languages])
-    axes.set_ylabel("bits per character (lower is better)")
-    axes.margins(y=0.15)
-    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(len(models), 3), frameon=False)
-    axes.grid(axis="y", alpha=0.3)
-    axes.set_axisbelow(True)
-    return _png(figure)
-
-
 def training_records(metrics: dict) -> list[tuple[str, float | None, dict]]:
     """(label, seconds, training stats) of every pipeline step and baseline, training stats empty if it did not train."""
     records = []
@@ -185,51 +145,6 @@ def training_records(metrics: dict) -> list[tuple[str, float | None, dict]]:
         seconds = baseline.get("seconds", training.get("seconds"))
         records.append((f"baseline {label(name)}", seconds, training))
     return records
-
-
-def plot_losses(records: list[tuple[str, float | None, dict]]) -> bytes | None:
-    """Training loss against optimizer step, one panel per stage that trained (their step scales differ)."""
-    curves = [(name, training["losses"]) for name, _, training in records if training.get("losses")]
-    if not curves:
-        return None
-    columns = min(len(curves), 3)
-    rows = math.ceil(len(curves) / columns)
-    figure = Figure(figsize=(3.6 * columns + 0.6, 3.0 * rows))
-    for i, (name, losses) in enumerate(curves):
-        axes = figure.add_subplot(rows, columns, i + 1)
-        steps, values = [s for s, _ in losses], [v for _, v in losses]
-        axes.plot(steps, values, color="#1a5fb4", marker="." if len(losses) < 30 else None, linewidth=1.2)
-        axes.set(title=name, xlabel="optimizer step", ylabel="loss (nats/token)" if i % columns == 0 else None)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.grid(alpha=0.3)
-    return _png(figure)
-
-
-def plot_cost(records: list[tuple[str, float | None, dict]]) -> bytes | None:
-    """Seconds per step (left) and tokens trained per stage (right), as horizontal bars."""
-    timed = [(name, seconds) for name, seconds, _ in records if seconds is not None]
-    if not timed:
-        return None
-    trained = [(name, training["tokens"]) for name, _, training in records if training.get("tokens")]
-    figure = Figure(figsize=(10, 0.45 * max(len(timed), 3) + 1.2))
-    axes = figure.add_subplot(1, 2 if trained else 1, 1)
-    bars = axes.barh([n for n, _ in timed], [s for _, s in timed], color="#1a5fb4")
-    axes.bar_label(bars, fmt="%.1f s", fontsize=8, padding=3)
-    axes.invert_yaxis()
-    axes.margins(x=0.2)
-    axes.set(xlabel="wall-clock seconds", title="time per step")
-    axes.grid(axis="x", alpha=0.3)
-    if trained:
-        axes = figure.add_subplot(1, 2, 2)
-        bars = axes.barh([n for n, _ in trained], [t for _, t in trained], color="#e66100")
-        axes.xaxis.set_major_locator(MaxNLocator(4))
-        axes.xaxis.set_major_formatter(EngFormatter(sep=""))
-        axes.bar_label(bars, labels=[f"{t:,}" for _, t in trained], fontsize=8, padding=3)
-        axes.invert_yaxis()
-        axes.margins(x=0.25)
-        axes.set(xlabel="tokens", title="tokens trained per stage")
-        axes.grid(axis="x", alpha=0.3)
-    return _png(figure)
 
 
 # ---------------------------------------------------------------------------------------------- the content
@@ -400,7 +315,7 @@ def build_content(metrics: dict, run_dir: Path) -> dict:
     records = training_records(metrics)
     figures = {}
     if evaluation:
-        figures["bits_per_char"] = plot_bits_per_char(evaluation)
+        figures["bits_per_char"] = plot_bits_per_char(evaluation, label, language)
     for key, png in (("loss_curves", plot_losses(records)), ("time_and_tokens", plot_cost(records))):
         if png:
             figures[key] = png
@@ -431,170 +346,10 @@ def build_content(metrics: dict, run_dir: Path) -> dict:
 
 # --------------------------------------------------------------------------------------------------- output
 
-_HTML = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{{ c.title }}</title>
-<style>
-body { font-family: system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; color: #1d1d1f; background: #f6f7f9;
-       margin: 0; line-height: 1.45; font-size: 15px; }
-main { max-width: 1080px; margin: 0 auto; padding: 28px 32px 60px; background: #fff; min-height: 100vh; }
-h1 { font-size: 26px; margin: 0 0 4px; } h2 { font-size: 19px; margin: 34px 0 10px; padding-bottom: 4px; border-bottom: 1px solid #e3e5e8; }
-h3 { font-size: 15px; margin: 18px 0 6px; }
-.meta { color: #5f6368; font-size: 13px; margin-bottom: 18px; } .meta code { font-size: 12px; }
-.cards { display: flex; flex-wrap: wrap; gap: 12px; }
-.card { flex: 1 1 200px; border: 1px solid #e3e5e8; border-left: 5px solid #9aa0a6; border-radius: 6px; padding: 10px 14px; }
-.card.good { border-left-color: #2e7d32; } .card.bad { border-left-color: #c62828; background: #fff5f5; }
-.card .t { font-size: 12px; color: #5f6368; text-transform: uppercase; letter-spacing: .03em; }
-.card .v { font-size: 24px; font-weight: 600; margin: 2px 0; } .card .d { font-size: 12px; color: #5f6368; }
-.warning { background: #fdecea; border: 1px solid #f5c2c0; color: #8a1c17; padding: 10px 14px; border-radius: 6px; margin: 14px 0; }
-table { border-collapse: collapse; margin: 8px 0 12px; font-size: 13.5px; }
-th, td { padding: 5px 12px; border-bottom: 1px solid #eceef0; text-align: right; white-space: nowrap; }
-th { background: #f1f3f5; font-weight: 600; } th:first-child, td:first-child { text-align: left; }
-tr.flag td { background: #fff5f5; } td.best { font-weight: 700; } td.good { color: #2e7d32; } td.bad { color: #c62828; font-weight: 600; }
-td.strong { font-weight: 700; }
-img { max-width: 100%; height: auto; display: block; margin: 8px 0; }
-.note { color: #5f6368; font-size: 13px; }
-.sample { border: 1px solid #e3e5e8; border-radius: 6px; margin: 10px 0; overflow: hidden; }
-.sample .p { background: #f1f3f5; padding: 6px 12px; font-size: 13px; } .sample .p b { font-weight: 600; }
-.sample table { width: 100%; margin: 0; } .sample td { white-space: pre-wrap; text-align: left; vertical-align: top; }
-.sample td:first-child { width: 230px; color: #5f6368; font-size: 12.5px; }
-.prompt { color: #5f6368; }
-pre { background: #f6f8fa; border: 1px solid #e3e5e8; border-radius: 6px; padding: 12px; font-size: 12.5px; overflow-x: auto; }
-details summary { cursor: pointer; color: #1a5fb4; margin: 6px 0; }
-</style></head>
-<body><main>
-{%- macro table(t) %}
-<table><thead><tr>{% for h in t.header %}<th>{{ h }}</th>{% endfor %}</tr></thead><tbody>
-{%- for row in t.rows %}
-<tr{% if row.flag %} class="flag"{% endif %}>{% for cell in row.cells %}<td{% if cell.cls %} class="{{ cell.cls }}"{% endif %}>{{ cell.text }}</td>{% endfor %}</tr>
-{%- endfor %}
-</tbody></table>
-{%- endmacro %}
-{%- macro figure(key, alt) %}{% if key in images %}<img src="data:image/png;base64,{{ images[key] }}" alt="{{ alt }}">{% endif %}{% endmacro %}
-<h1>{{ c.title }}</h1>
-<div class="meta">model <code>{{ c.model }}</code> · target language {{ c.target }} · layers {{ c.layers }} ·
-run folder <code>{{ c.run_dir }}</code> · generated {{ c.generated }}</div>
 
-<section id="headline"><div class="cards">
-{%- for h in c.headline %}
-<div class="card {{ h.status }}"><div class="t">{{ h.title }}</div><div class="v">{{ h.value }}</div><div class="d">{{ h.detail }}</div></div>
-{%- endfor %}
-</div>
-{%- for w in c.warnings %}<div class="warning">⚠ {{ w }}</div>{% endfor %}
-</section>
-
-{%- if c.quality %}
-<h2 id="quality">Language modelling on held-out text</h2>
-<p class="note">Bits per character and per UTF-8 byte: the text's total negative log-likelihood divided by its length,
-so models with different tokenizers and languages with different scripts compare fairly. Lower is better; the best value per language is bold.</p>
-{{ table(c.quality) }}
-{{ figure("bits_per_char", "bits per character per language and model") }}
-{%- endif %}
-
-{%- if c.forgetting.rows %}
-<h2 id="forgetting">What changed: final model against the base{% if c.has_baselines %} and the baselines{% endif %}</h2>
-<p class="note">Change in bits/char of the final model (negative: better). Rows worse by more than {{ c.tolerance }}% are flagged.</p>
-{{ table(c.forgetting) }}
-{%- endif %}
-
-{%- if c.lm_eval %}
-<h2 id="benchmarks">Benchmarks (lm-evaluation-harness)</h2>
-{{ table(c.lm_eval) }}
-{%- if c.lm_eval_full %}<details><summary>all tasks and subtasks</summary>{{ table(c.lm_eval_full) }}</details>{% endif %}
-{%- endif %}
-
-<h2 id="cost">Time and tokens per step</h2>
-{{ table(c.cost) }}
-{{ figure("time_and_tokens", "seconds per step and tokens per training stage") }}
-{%- if "loss_curves" in images %}
-<h2 id="losses">Training loss per stage</h2>
-{{ figure("loss_curves", "training loss against optimizer step, per stage") }}
-{%- endif %}
-{%- if c.data %}
-<h3>Training mixtures</h3>
-{{ table(c.data) }}
-{%- endif %}
-
-{%- if c.samples %}
-<h2 id="samples">Generation samples</h2>
-<p class="note">Fixed prompts, greedy decoding: the same model always gives the same completion.</p>
-{%- for s in c.samples %}
-<div class="sample"><div class="p">{{ s.language }} · <b>{{ s.prompt }}</b></div><table>
-{%- for comp in s.completions %}<tr><td>{{ comp.model }}</td><td><span class="prompt">{{ s.prompt }}</span>{{ comp.text }}</td></tr>{% endfor %}
-</table></div>
-{%- endfor %}
-{%- endif %}
-
-<h2 id="config">Configuration</h2>
-<p class="note">The exact configuration of this run (also in <code>config.yaml</code>); rerun it with <code>elo run config.yaml --out DIR</code>.</p>
-<pre>{{ c.config_yaml }}</pre>
-</main></body></html>
-"""
-
-_MD = """# {{ c.title }}
-
-model `{{ c.model }}` · target language {{ c.target }} · layers {{ c.layers }} · generated {{ c.generated }}
-
-{% for h in c.headline %}- **{{ h.title }}: {{ h.value }}** {{ h.detail }}
-{% endfor %}
-{%- for w in c.warnings %}
-> ⚠ {{ w }}
-{% endfor %}
-{%- if c.quality %}
-## Language modelling on held-out text
-
-Bits per character and per UTF-8 byte (lower is better).
-
-{{ table(c.quality) }}
-
-![bits per character]({{ files }}/bits_per_char.png)
-{% endif %}
-{%- if c.forgetting.rows %}
-## What changed: final model against the base{% if c.has_baselines %} and the baselines{% endif %}
-
-Change in bits/char of the final model (negative: better); worse by more than {{ c.tolerance }}% is flagged.
-
-{{ table(c.forgetting) }}
-{% endif %}
-{%- if c.lm_eval %}
-## Benchmarks (lm-evaluation-harness)
-
-{{ table(c.lm_eval) }}
-{% endif %}
-## Time and tokens per step
-
-{{ table(c.cost) }}
-{% if "time_and_tokens" in c.figures %}
-![time and tokens]({{ files }}/time_and_tokens.png)
-{% endif %}
-{%- if "loss_curves" in c.figures %}
-## Training loss per stage
-
-![loss curves]({{ files }}/loss_curves.png)
-{% endif %}
-{%- if c.data %}
-### Training mixtures
-
-{{ table(c.data) }}
-{% endif %}
-{%- if c.samples %}
-## Generation samples
-
-Fixed prompts, greedy decoding.
-{% for s in c.samples %}
-**{{ s.language }}: {{ s.prompt | md }}**
-
-| model | completion |
-|---|---|
-{% for comp in s.completions %}| {{ comp.model | md }} | {{ s.prompt | md }}**{{ comp.text | md }}** |
-{% endfor %}{% endfor %}
-{%- endif %}
-## Configuration
-
-```yaml
-{{ c.config_yaml }}
-```
-"""
+def _template(name: str) -> str:
+    # Package data read through importlib.resources, so an installed wheel finds it as well as a source checkout.
+    return resources.files("elo_cpt").joinpath("templates", name).read_text(encoding="utf-8")
 
 
 def _md_cell(text: str) -> str:
@@ -641,7 +396,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     content = build_content(metrics, run_dir)
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=False)
     images = {key: base64.b64encode(png).decode("ascii") for key, png in content["figures"].items()}
-    page = environment.from_string(_HTML).render(c=content, images=images)
+    page = environment.from_string(_template("report.html.j2")).render(c=content, images=images)
 
     files = run_dir / FILES_DIR
     files.mkdir(exist_ok=True)
@@ -653,7 +408,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     markdown_env = jinja2.Environment(autoescape=False, undefined=jinja2.StrictUndefined)
     markdown_env.filters["md"] = _md_cell
     markdown_env.globals["table"] = _md_table
-    markdown = markdown_env.from_string(_MD).render(c=content, files=FILES_DIR)
+    markdown = markdown_env.from_string(_template("report.md.j2")).render(c=content, files=FILES_DIR)
 
     md_path, html_path = run_dir / MD_FILE, run_dir / HTML_FILE
     _write_atomic(md_path, markdown)

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import yaml
 
-from elo_cpt import checkpoint, config as config_mod, costmodel, data, evaluation, pipeline, surgery, train
+from elo_cpt import checkpoint, config as config_mod, costmodel, evaluation, pipeline, surgery, train
 from elo_cpt.config import RunConfig
 from elo_cpt.errors import EloError
 
@@ -248,19 +248,12 @@ def _key(values: dict) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _write_mixture(path: Path, mixture: list[tuple[str, str]]) -> None:
-    if not path.is_file():
-        data.write_jsonl(path, [d for _, d in mixture], [{"lang": lang} for lang, _ in mixture])
-
-
 def _mixtures(cfg: RunConfig, folder: Path, parts: tuple[str, ...]) -> dict[str, Path]:
     """The cell's stage-1 and/or alignment mixtures (as `elo run` builds them), written once to `folder`."""
     paths = {part: folder / f"{part}.jsonl" for part in parts}
     if not all(p.is_file() for p in paths.values()):
         folder.mkdir(parents=True, exist_ok=True)
-        mixtures, _ = pipeline.build_mixtures(cfg)
-        for part, path in paths.items():
-            _write_mixture(path, mixtures[part])
+        pipeline.write_mixtures(cfg, folder, tuple(part for part, p in paths.items() if not p.is_file()))
     return paths
 
 
