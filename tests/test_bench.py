@@ -28,6 +28,40 @@ def test_shapes_match_published_sizes():
     assert SMOLLM2.total_params() == 134_515_008  # SmolLM2-135M's exact parameter count
 
 
+_MOE = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+            num_hidden_layers=4, num_experts_per_tok=2)
+
+
+@pytest.mark.parametrize("model_type, settings", [
+    ("mixtral", dict(num_local_experts=4)),
+    ("qwen2_moe", dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24)),
+    ("qwen3_moe", dict(num_experts=4, moe_intermediate_size=16, decoder_sparse_step=2, mlp_only_layers=[3], head_dim=8)),
+])
+def test_moe_costs_count_routed_experts(model_type, settings):
+    """Per layer, the cost model's parameters match the real module's: every expert for the weights, the routed
+    ones for the FLOPs (nn.Linear weights, the router, and experts_per_token / experts of the fused expert
+    tensors)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **_MOE, **settings)
+    shape = costmodel.Shape.from_config(config)
+    model = AutoModelForCausalLM.from_config(config)
+    for index, layer in enumerate(model.model.layers):
+        linear = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+        fused = sum(p.numel() for p in layer.parameters() if p.dim() == 3)
+        router = layer.mlp.gate.weight.numel() if fused else 0
+        assert shape.sparse(index) == (fused > 0), index
+        assert shape.layer_params_at(index) == linear + router + fused
+        assert shape.layer_active_params(index) == linear + router + fused * 2 // 4
+    if model_type == "mixtral":  # no biases or q/k norms: the whole model is counted exactly
+        assert shape.total_params() == sum(p.numel() for p in model.parameters())
+    fft, elo = (costmodel.step_cost(shape, method, [0, 3]) for method in ("fft", "elo"))
+    assert fft.trainable_params == shape.total_params()
+    assert fft.forward_flops == 2 * (sum(map(shape.layer_active_params, range(4))) + shape.head_params)
+    assert elo.forward_flops == 2 * (shape.layer_active_params(0) + shape.layer_active_params(3) + shape.head_params)
+
+
 @pytest.mark.parametrize("method, expected", [("fft", 45), ("align", 45), ("freeze", 31), ("lora", 30), ("elo", 4.7)])
 def test_llama_8b_flops_match_method_md(method, expected):
     assert gflops(LLAMA_8B, method, [0, 31]) == pytest.approx(expected, rel=0.1)

@@ -7,8 +7,13 @@ through (only above the lowest trainable layer, and the head). Attention-score F
 length) and elementwise work are left out, as in method.md's "Cost model". LoRA is "everything frozen, gradients
 flow through every layer, plus small trained adapters".
 
-The module is a leaf: plain arithmetic on a `Shape`, which `Shape.from_config` reads from any dense
-decoder-only Hugging Face config (Llama, Mistral, Qwen2, ...).
+Mixture-of-experts layers (Mixtral, Qwen2-MoE, Qwen3-MoE) cost what a token passes through: attention, the
+router, its `experts_per_token` experts and any shared expert; their weights and optimizer state count every
+expert. LoRA counts adapters on the linear layers only (see
+`Shape.lora_params`).
+
+The module is a leaf: plain arithmetic on a `Shape`, which `Shape.from_config` reads from any decoder-only
+Hugging Face config (Llama, Mistral, Qwen2, Qwen3-MoE, ...).
 """
 
 from __future__ import annotations
@@ -34,6 +39,16 @@ class Shape:
     head_dim: int
     vocab: int
     tied: bool
+    experts: int = 0
+    """Experts per mixture-of-experts layer (0: a dense model)."""
+    experts_per_token: int = 0
+    """Experts each token is routed to."""
+    expert_intermediate: int = 0
+    """Intermediate size of one expert."""
+    shared_intermediate: int = 0
+    """Intermediate size of the shared expert every token also passes through (Qwen2-MoE; 0: none)."""
+    dense_layers: tuple[int, ...] = ()
+    """Layers of a mixture-of-experts model that keep a dense MLP (Qwen's mlp_only_layers, decoder_sparse_step)."""
 
     @classmethod
     def from_config(cls, config) -> Shape:
@@ -41,6 +56,19 @@ class Shape:
         try:
             hidden, heads = int(text.hidden_size), int(text.num_attention_heads)
             head_dim = getattr(text, "head_dim", None) or hidden // heads
+            layers = int(text.num_hidden_layers)
+            experts = int(getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None) or 0)
+            moe = {}
+            if experts:
+                step = int(getattr(text, "decoder_sparse_step", None) or 1)
+                only_mlp = set(getattr(text, "mlp_only_layers", None) or [])
+                moe = dict(
+                    experts=experts,
+                    experts_per_token=int(text.num_experts_per_tok),
+                    expert_intermediate=int(getattr(text, "moe_intermediate_size", None) or text.intermediate_size),
+                    shared_intermediate=int(getattr(text, "shared_expert_intermediate_size", None) or 0),
+                    dense_layers=tuple(i for i in range(layers) if i in only_mlp or (i + 1) % step != 0),
+                )
             return cls(
                 num_layers=int(text.num_hidden_layers),
                 hidden=hidden,
@@ -50,35 +78,69 @@ class Shape:
                 head_dim=int(head_dim),
                 vocab=int(text.vocab_size),
                 tied=bool(getattr(config, "tie_word_embeddings", getattr(text, "tie_word_embeddings", False))),
+                **moe,
             )
         except (AttributeError, TypeError) as err:
-            raise EloError(f"the cost model needs a dense decoder config (hidden_size, intermediate_size, ...): {err}") from None
+            raise EloError(f"the cost model needs a decoder config (hidden_size, intermediate_size, ...): {err}") from None
 
-    def layer_linears(self) -> list[tuple[int, int]]:
-        """(in, out) of each linear layer of one decoder layer: q, k, v, o, gate, up, down."""
+    def sparse(self, layer: int) -> bool:
+        """Whether decoder layer `layer` is a mixture-of-experts layer."""
+        return self.experts > 0 and layer not in self.dense_layers
+
+    def layer_linears(self, layer: int = 0) -> list[tuple[int, int]]:
+        """(in, out) of each linear layer (nn.Linear) of decoder layer `layer`: q, k, v, o, then gate, up, down of
+        a dense MLP, or the shared expert's gate, up, down and gate of a mixture-of-experts one (the router and the
+        experts are other modules)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         h, i = self.hidden, self.intermediate
-        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+        attention = [(h, q), (h, kv), (h, kv), (q, h)]
+        if not self.sparse(layer):
+            return attention + [(h, i), (h, i), (i, h)]
+        shared = [(h, self.shared_intermediate)] * 2 + [(self.shared_intermediate, h), (h, 1)] if self.shared_intermediate else []
+        return attention + shared
+
+    def _moe_params(self, layer: int, experts: int) -> int:
+        """The router and `experts` experts of a mixture-of-experts layer; 0 for a dense one."""
+        return self.hidden * self.experts + experts * 3 * self.hidden * self.expert_intermediate if self.sparse(layer) else 0
+
+    def layer_params_at(self, layer: int) -> int:
+        """Matmul parameters of decoder layer `layer`, every expert counted."""
+        return sum(a * b for a, b in self.layer_linears(layer)) + self._moe_params(layer, self.experts)
+
+    def layer_active_params(self, layer: int) -> int:
+        """Matmul parameters one token passes through in decoder layer `layer` (its routed experts only)."""
+        return sum(a * b for a, b in self.layer_linears(layer)) + self._moe_params(layer, self.experts_per_token)
 
     @property
     def layer_params(self) -> int:
-        """Matmul parameters of one decoder layer."""
-        return sum(a * b for a, b in self.layer_linears())
+        """Matmul parameters of one decoder layer (the mean over the layers where they differ)."""
+        return round(sum(map(self.layer_params_at, range(self.num_layers))) / self.num_layers)
+
+    @property
+    def active_intermediate(self) -> int:
+        """MLP intermediate values per token of a typical layer (routed experts plus shared expert for MoE)."""
+        if not self.experts or not any(map(self.sparse, range(self.num_layers))):
+            return self.intermediate
+        return self.experts_per_token * self.expert_intermediate + self.shared_intermediate
 
     @property
     def head_params(self) -> int:
         return self.vocab * self.hidden
 
-    def lora_params(self, rank: int) -> int:
-        """Adapter parameters of one decoder layer with rank-`rank` LoRA on every linear layer."""
-        return sum(rank * (a + b) for a, b in self.layer_linears())
+    def lora_params(self, rank: int, layer: int = 0) -> int:
+        """Adapter parameters of decoder layer `layer` with rank-`rank` LoRA on every linear layer (nn.Linear). In a
+        mixture-of-experts layer that is attention and the shared expert only; PEFT's `all-linear` also adapts the
+        router and the fused experts of some architectures (Mixtral, Qwen3-MoE, depending on its version), so
+        LoRA's cost is undercounted there."""
+        return sum(rank * (a + b) for a, b in self.layer_linears(layer))
 
     def total_params(self, num_layers: int | None = None) -> int:
         """Every parameter of a model with `num_layers` decoder layers (all by default): embedding, layers with
         their two norms, final norm, and the head unless tied."""
         n = self.num_layers if num_layers is None else num_layers
         head = 0 if self.tied else self.head_params
-        return self.vocab * self.hidden + n * (self.layer_params + 2 * self.hidden) + self.hidden + head
+        layers = sum(map(self.layer_params_at, range(n))) if n == self.num_layers else n * self.layer_params
+        return self.vocab * self.hidden + layers + 2 * n * self.hidden + self.hidden + head
 
 
 @dataclass
@@ -102,23 +164,24 @@ def step_cost(shape: Shape, method: str, layers: list[int], lora_rank: int = 16,
     `frozen` the untrained layers an ELO shallow model also computes (stage1.frozen_layers)."""
     if method not in METHODS:
         raise EloError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    n, per_layer, head = shape.num_layers, shape.layer_params, shape.head_params
+    n, active, head = shape.num_layers, shape.layer_active_params, shape.head_params
     lowest = min(layers)
-    # (params, trained, gradient flows through) for each matmul block the step touches
+    trained_layers = sum(shape.layer_params_at(i) + 2 * shape.hidden for i in layers)
+    # (params a token passes through, trained, gradient flows through) for each matmul block the step touches
     if method in ("fft", "align"):
-        blocks = [(per_layer, True, True)] * n + [(head, True, True)]
+        blocks = [(active(i), True, True) for i in range(n)] + [(head, True, True)]
         trainable = shape.total_params()
     elif method == "freeze":
-        blocks = [(per_layer, i in layers, i > lowest) for i in range(n)] + [(head, False, True)]
-        trainable = len(layers) * (per_layer + 2 * shape.hidden)
+        blocks = [(active(i), i in layers, i > lowest) for i in range(n)] + [(head, False, True)]
+        trainable = trained_layers
     elif method == "lora":
-        adapters = n * shape.lora_params(lora_rank)
-        blocks = [(per_layer, False, True)] * n + [(head, False, True), (adapters, True, True)]
+        adapters = sum(shape.lora_params(lora_rank, i) for i in range(n))
+        blocks = [(active(i), False, True) for i in range(n)] + [(head, False, True), (adapters, True, True)]
         trainable = adapters
     else:  # elo: only the selected (and frozen emulator) layers are computed
         kept = sorted({*layers, *frozen})
-        blocks = [(per_layer, i in layers, i > lowest) for i in kept] + [(head, False, True)]
-        trainable = len(layers) * (per_layer + 2 * shape.hidden)
+        blocks = [(active(i), i in layers, i > lowest) for i in kept] + [(head, False, True)]
+        trainable = trained_layers
     forward = sum(2.0 * p for p, _, _ in blocks)
     backward = sum(4.0 * p if trained else 2.0 * p if flows else 0.0 for p, trained, flows in blocks)
     return Cost(method, forward, backward, trainable, len({*layers, *frozen}) if method == "elo" else n)
@@ -144,7 +207,7 @@ def estimate_memory_bytes(shape: Shape, method: str, layers: list[int], batch: i
     weights = shape.total_params(computed) * dtype_bytes
     train_state = cost.trainable_params * TRAIN_STATE_BYTES
     tokens = batch * seq
-    activations = tokens * computed * (10 * shape.hidden + 4 * shape.intermediate) * dtype_bytes
+    activations = tokens * computed * (10 * shape.hidden + 4 * shape.active_intermediate) * dtype_bytes
     logit_rows = min(loss_chunk, tokens) if loss_chunk else tokens
     logits = 3 * logit_rows * shape.vocab * 4
     total = weights + train_state + activations + logits
