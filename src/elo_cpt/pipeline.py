@@ -192,6 +192,8 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
                     evaluation.read_eval_text(path, cfg.eval.max_chars), name=f"held-out {lang} text {path}")
             checkpoint.write_json(staging / "summary.json", summary)
             out.mkdir(parents=True, exist_ok=True)
+            # the config first: a run interrupted before the move is then resumed (and rebuilds its data)
+            config_path.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
             shutil.rmtree(data_dir, ignore_errors=True)  # a leftover of an interrupted move
             staging.rename(data_dir)
         finally:
