@@ -137,7 +137,7 @@ def test_cli_lists_the_builtin_german_study(capsys):
     assert {"base", "elo", "align-only", "fft-flops", "fft-tokens"} <= {c.name for c in parsed.cells}
 
 
-def test_bridges_bring_the_shallow_model_closer_to_the_full_one(tiny_model, corpora, tmp_path, tokenizer):
+def test_bridges_bring_the_shallow_model_closer_to_the_full_one(tiny_model, corpora, tmp_path, tokenizer, capsys):
     """A least-squares bridge for the removed middle makes the shallow model's logits closer to the full model's, is
     applied in stage 1, and is never trained, saved with the layers or merged."""
     import torch
@@ -160,6 +160,9 @@ def test_bridges_bring_the_shallow_model_closer_to_the_full_one(tiny_model, corp
         assert surgery.apply_bridges(bridged, shallow) == 1
         error_bridged = (bridged(ids).logits - target).pow(2).mean()
     assert error_bridged < 0.8 * error_plain, (error_bridged, error_plain)
+    assert "warning" not in capsys.readouterr().err
+    surgery.fit_bridges(tiny_model, [0, 4], ids[:2])  # 64 tokens for 33 unknowns per output
+    assert "under 4x the hidden size" in capsys.readouterr().err
     trained = tmp_path / "stage1"
     train.pretrain(shallow, [str(corpora["train_de"])], trained, train.TrainConfig(tokens=320, lr=1e-2, batch_size=2), seq_len=32)
     assert not any("bridge" in name for name in load_file(trained / "model.safetensors"))

@@ -11,6 +11,7 @@ import copy
 import functools
 import re
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -357,6 +358,10 @@ def fit_bridges(base_dir: str | Path, layers: list[int], rows: torch.Tensor) -> 
     """
     model = checkpoint.load_model(base_dir).eval()
     n = num_layers(model.config)
+    hidden = model.config.get_text_config().hidden_size
+    if rows.numel() < 4 * hidden:  # hidden + 1 unknowns per output: fewer samples than that fit noise exactly
+        print(f"warning: fitting bridges on {rows.numel():,} tokens, under 4x the hidden size ({hidden:,}); the least-squares "
+              f"fit is poorly determined: set stage1.bridge_tokens to at least {4 * hidden:,}", file=sys.stderr)
     _, stack = find_decoder_layers(model)
     gaps = bridge_gaps(layers, n)
     watched = {i for a, b in gaps for i in (a + 1, b)}
@@ -364,7 +369,7 @@ def fit_bridges(base_dir: str | Path, layers: list[int], rows: torch.Tensor) -> 
 
     def capture(index: int):
         def hook(module, args, kwargs):
-            captured[index].append(_stream_input(args, kwargs).detach().reshape(-1, model.config.get_text_config().hidden_size))
+            captured[index].append(_stream_input(args, kwargs).detach().reshape(-1, hidden))
         return hook
 
     handles = [(stack[i] if i < n else _final_norm_module(model)).register_forward_pre_hook(capture(i), with_kwargs=True)
