@@ -13,8 +13,9 @@ DEFAULT_OUT = "runs/default"
 
 
 def _add_training_options(parser: argparse.ArgumentParser, lr: float) -> None:
-    parser.add_argument("--data", action="append", default=[], metavar="PATH[@WEIGHT]",
-                        help="training corpus (.jsonl with a text field, or .txt); repeat to mix, weights are byte shares")
+    parser.add_argument("--data", action="append", default=[], metavar="SOURCE[#FIELD][@WEIGHT]",
+                        help="training corpus: a .txt, .jsonl or .parquet file, a folder, a glob, a save_to_disk folder or "
+                             "hf:NAME[:CONFIG[:SPLIT]] (docs/data.md); repeat to mix, weights are byte shares")
     parser.add_argument("--out", required=True, help="output model folder (written when complete)")
     parser.add_argument("--tokens", type=int, default=None, help="training tokens (default: one pass over the data)")
     parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")

@@ -86,7 +86,8 @@ class DataConfig:
     """Where the text comes from. Empty lists use the embedded default (German target, English replay)."""
 
     target: list[str] = field(default_factory=list)
-    """Target-language training corpora (.jsonl with a `text` field, or .txt with blank-line-separated documents)."""
+    """Target-language training corpora, each SOURCE[#FIELD]: a .txt, .jsonl or .parquet file, a folder, a glob, a
+    save_to_disk folder or hf:NAME[:CONFIG[:SPLIT]] (docs/data.md)."""
     english: list[str] = field(default_factory=list)
     """English replay corpora, same formats."""
     english_share: float = 0.1

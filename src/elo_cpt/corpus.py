@@ -269,7 +269,6 @@ def read_documents(path: str | Path, field: str = TEXT_FIELD) -> list[str]:
     return list(iter_documents(path, field))
 
 
-
 # ---------------------------------------------------------------- content digest (for the token cache)
 
 
