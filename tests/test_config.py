@@ -19,10 +19,20 @@ def test_defaults_and_overrides(tmp_path):
     assert config.load_config(None, ["align.tokens=null"]).align.tokens is None
 
 
+def test_bridge_tokens_auto_scales_with_the_width():
+    assert config.load_config(None, ["stage1.bridge_tokens=auto"]).stage1.bridge_tokens == "auto"
+    assert config.load_config(None, ["stage1.bridge_tokens=8192"]).stage1.bridge_tokens == 8192
+    # auto: 4x the hidden size (each output of the fit has hidden + 1 unknowns), never under 4,096
+    assert config.bridge_token_count("auto", 576) == 4096 and config.bridge_token_count("auto", 4096) == 16384
+    assert config.bridge_token_count(1000, 4096) == 1000 and config.bridge_token_count(0, 576) == 0
+
+
 @pytest.mark.parametrize(
     "override, message",
     [("stage1.lrr=1", "unknown config key 'stage1.lrr'"), ("colour=red", "unknown config key"), ("seq_len=abc", "expects int"),
-     ("stage1=3", "is a section"), ("seq_len", "key=value"), ("stage1.lr=-1", "positive"), ("data.english_share=1.5", "english_share")],
+     ("stage1=3", "is a section"), ("seq_len", "key=value"), ("stage1.lr=-1", "positive"), ("data.english_share=1.5", "english_share"),
+     ("stage1.bridge_tokens=-1", "bridge_tokens must be a token count"), ("stage1.bridge_tokens=lots", "or auto, not 'lots'"),
+     ("stage1.bridge_tokens=true", "expects int or str")],
 )
 def test_bad_overrides(override, message):
     with pytest.raises(EloError, match=message):

@@ -58,7 +58,9 @@ def test_held_out_text_seen_in_training_is_reported(tiny_model, corpora, tmp_pat
 
 
 def test_alignment_budget_zero_keeps_the_merged_model(tiny_model, corpora, tmp_path):
+    (tmp_path / ".run.data.killed").mkdir()  # the staging folder of a run killed while it built the mixtures
     metrics = pipeline.run(tiny_run_config(tiny_model, corpora, "align.token_ratio=0"), tmp_path / "run")
+    assert not list(tmp_path.glob(".run.*")), "a killed run's staging folder was left behind"
     assert "training" not in metrics["stages"]["align"]
     assert metrics["eval"]["final"] == metrics["eval"]["merged"]
 

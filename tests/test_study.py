@@ -34,7 +34,7 @@ CELLS = [
     {"name": "freeze-flops", "method": "freeze", "budget": "flops"},
     {"name": "no-align", "method": "elo", "group": "alignment budget", "set": {"align.token_ratio": 0.0}},
     {"name": "emulator-norm", "method": "elo", "group": "options",
-     "set": {"stage1.frozen_layers": "2", "stage1.train_norm": True, "stage1.bridge_tokens": 256, "align.method": "freeze"}},
+     "set": {"stage1.frozen_layers": "2", "stage1.train_norm": True, "stage1.bridge_tokens": "auto", "align.method": "freeze"}},
 ]
 
 
@@ -52,7 +52,8 @@ def test_study_runs_every_method_and_resumes(tiny_model, corpora, tmp_path):
         per_sequence = cells[name]["flops"] / cells[name]["tokens"] * 32
         assert cells["elo"]["flops"] - per_sequence < cells[name]["flops"] <= cells["elo"]["flops"]
     assert cells["fft-flops"]["tokens"] < cells["freeze-flops"]["tokens"] < cells["elo"]["tokens"]
-    # Bridges cost one forward pass of the full model over their calibration tokens, on top of the stage-1 layers.
+    # Bridges cost one forward pass of the full model over their calibration tokens (auto: 4,096, capped at stage
+    # 1's 1,280), on top of the stage-1 layers.
     assert cells["emulator-norm"]["flops"] > cells["elo"]["flops"]
     # The alignment-budget cell shares the ELO cell's stage 1: one stage-1 folder for the two.
     assert len(list((out / "stage1").iterdir())) == 2

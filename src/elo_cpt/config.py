@@ -17,6 +17,9 @@ import yaml
 
 from elo_cpt.errors import EloError
 
+#: `stage1.bridge_tokens: auto`: enough calibration tokens for the model's width (see `bridge_token_count`).
+AUTO = "auto"
+
 
 @dataclass
 class TrainConfig:
@@ -63,10 +66,10 @@ class Stage1Config(TrainConfig):
     between the contexts the trained layers see in stage 1 and after the write-back, at their compute cost."""
     train_norm: bool = False
     """Also train the final norm in stage 1 (written back with the layers); the paper keeps it frozen."""
-    bridge_tokens: int = 0
+    bridge_tokens: int | str = 0
     """Fit frozen linear "bridges" for the removed layers on this many stage-1 tokens (a least-squares map between
-    the residual streams the full model has on either side of each gap) and apply them in stage 1; 0 turns it off.
-    Costs one forward pass of the full model over these tokens."""
+    the residual streams the full model has on either side of each gap) and apply them in stage 1; 0 turns it off,
+    `auto` takes max(4096, 4 x hidden size). Costs one forward pass of the full model over these tokens."""
 
 
 @dataclass
@@ -178,8 +181,14 @@ def _coerce(value: object, annotation: object, key: str) -> object:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
-            return _coerce(value, arg, key)
+        members = [a for a in args if a is not type(None)]
+        for arg in members:  # the first member that takes the value
+            try:
+                return _coerce(value, arg, key)
+            except EloError:
+                pass
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in members)
+        raise EloError(f"config key {key!r} expects {names}, got {value!r}")
     if annotation is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         # YAML reads `1e-5` (no dot) as a string.
         try:
@@ -284,7 +293,8 @@ def validate(config: RunConfig) -> None:
         (config.align.token_ratio >= 0, "align.token_ratio must be >= 0"),
         (config.eval.max_chars >= 0, "eval.max_chars must be >= 0 (0 means all)"),
         (config.align.method in ("fft", "freeze", "lora"), "align.method must be fft, freeze or lora"),
-        (config.stage1.bridge_tokens >= 0, "stage1.bridge_tokens must be >= 0 (0 turns bridges off)"),
+        (config.stage1.bridge_tokens == AUTO or (isinstance(config.stage1.bridge_tokens, int) and config.stage1.bridge_tokens >= 0),
+         f"stage1.bridge_tokens must be a token count >= 0 (0 turns bridges off) or {AUTO}, not {config.stage1.bridge_tokens!r}"),
     ]
     for stage in ("stage1", "align"):
         train = getattr(config, stage)
@@ -301,3 +311,9 @@ def validate(config: RunConfig) -> None:
 
 def to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
+
+
+def bridge_token_count(setting: int | str, hidden_size: int) -> int:
+    """The calibration tokens `stage1.bridge_tokens` asks for on a model of this width: `auto` is max(4096, 4 x
+    hidden size), since each output of the least-squares fit has hidden size + 1 unknowns."""
+    return max(4096, 4 * hidden_size) if setting == AUTO else int(setting)

@@ -133,8 +133,11 @@ def make_shallow(cfg: RunConfig, stage1_data: Path, shallow: Path) -> None:
     if not shallow.is_dir():
         surgery.detach(cfg.model, cfg.layers, shallow, frozen_layers=cfg.stage1.frozen_layers)
     if cfg.stage1.bridge_tokens and not (shallow / surgery.BRIDGE_FILE).is_file():
-        calibration = data.load_training_data([str(stage1_data)], checkpoint.load_tokenizer(cfg.model), cfg.seq_len,
-                                              cfg.stage1.bridge_tokens)
+        hidden = AutoConfig.from_pretrained(cfg.model).get_text_config().hidden_size
+        tokens = config_mod.bridge_token_count(cfg.stage1.bridge_tokens, hidden)
+        tokens = min(tokens, cfg.stage1.tokens or tokens)  # the stage-1 mixture holds no more than that
+        log(f"fitting the bridges for the removed layers on {tokens:,} stage-1 tokens (one full-model forward pass)")
+        calibration = data.load_training_data([str(stage1_data)], checkpoint.load_tokenizer(cfg.model), cfg.seq_len, tokens)
         rows = torch.stack([calibration[i]["input_ids"] for i in range(len(calibration))])
         surgery.add_bridges(cfg.model, shallow, rows)
 
@@ -182,6 +185,8 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
         log("[1/6] preparing the stage-1 and alignment mixtures")
         # built beside the run folder and moved in when complete: bad corpora leave no output
         out.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in out.parent.glob(f".{out.name}.data.*"):  # of a run killed while it built the mixtures
+            shutil.rmtree(leftover, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.data.", dir=out.parent))
         try:
             summary = write_mixtures(cfg, staging)

@@ -178,7 +178,8 @@ def elo_plan(cfg: RunConfig) -> dict:
     flops = (stage1 * costmodel.step_cost(shape, "elo", layers, cfg.align.lora_rank, frozen).flops_per_token
              + align * costmodel.step_cost(shape, align_method, layers, cfg.align.lora_rank).flops_per_token
              # fitting bridges is one forward pass of the full model over their calibration tokens
-             + min(cfg.stage1.bridge_tokens, stage1) * costmodel.step_cost(shape, "fft", layers).forward_flops)
+             + min(config_mod.bridge_token_count(cfg.stage1.bridge_tokens, shape.hidden), stage1)
+             * costmodel.step_cost(shape, "fft", layers).forward_flops)
     return {"stage1_tokens": stage1, "align_tokens": align, "tokens": stage1 + align, "flops": flops}
 
 
