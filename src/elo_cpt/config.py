@@ -66,10 +66,11 @@ class Stage1Config(TrainConfig):
     between the contexts the trained layers see in stage 1 and after the write-back, at their compute cost."""
     train_norm: bool = False
     """Also train the final norm in stage 1 (written back with the layers); the paper keeps it frozen."""
-    bridge_tokens: int | str = 0
+    bridge_tokens: int | str = AUTO
     """Fit frozen linear "bridges" for the removed layers on this many stage-1 tokens (a least-squares map between
-    the residual streams the full model has on either side of each gap) and apply them in stage 1; 0 turns it off,
-    `auto` takes max(4096, 4 x hidden size). Costs one forward pass of the full model over these tokens."""
+    the residual streams the full model has on either side of each gap) and apply them in stage 1: `auto` takes
+    max(4096, 4 x hidden size), 0 turns them off (the paper's method). Costs one forward pass of the full model
+    over these tokens; see docs/results.md for the evidence."""
 
 
 @dataclass
