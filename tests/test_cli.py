@@ -19,6 +19,7 @@ def elo(*args, cwd=None):
 def test_stage_by_stage(tiny_model, corpora, tmp_path):
     steps = [
         ("detach", tiny_model, "--layers", "0,-1", "--out", tmp_path / "shallow"),
+        ("bridge", tmp_path / "shallow", "--data", corpora["train_de"], "--tokens", 320, "--seq-len", 32),
         ("pretrain", tmp_path / "shallow", "--data", corpora["train_de"], "--data", f"{corpora['train_en']}@0.1",
          "--tokens", 640, "--seq-len", 32, "--lr", 1e-3, "--out", tmp_path / "stage1"),
         ("merge", tiny_model, tmp_path / "stage1", "--out", tmp_path / "merged"),
@@ -30,6 +31,7 @@ def test_stage_by_stage(tiny_model, corpora, tmp_path):
         result = elo(*step)
         assert result.returncode == 0, result.stderr[-2000:]
     assert "bits/char" in result.stdout and (tmp_path / "eval.json").is_file()
+    assert (tmp_path / "shallow" / "elo_bridges.safetensors").is_file()
 
 
 @pytest.mark.parametrize(
@@ -39,6 +41,8 @@ def test_stage_by_stage(tiny_model, corpora, tmp_path):
         (("detach", "{model}", "--layers", "0,12", "--out", "{tmp}/out"), "out of range"),
         (("pretrain", "{model}", "--data", "{tmp}/empty.txt", "--out", "{tmp}/out"), "has no elo_provenance.json"),
         (("align", "{model}", "--data", "{tmp}/empty.txt", "--out", "{tmp}/out"), "is empty"),
+        (("bridge", "{model}", "--data", "{tmp}/empty.txt"), "has no elo_provenance.json"),
+        (("bridge", "{model}", "--data", "{tmp}/empty.txt", "--tokens", "lots"), "whole number of tokens or auto"),
         (("run", "stage1.lrr=1", "--out", "{tmp}/out"), "unknown config key"),
         (("run", "{tmp}/missing.yaml", "--out", "{tmp}/out"), "does not exist"),
         (("eval", "{model}", "--text", "de", "--out", "{tmp}/out"), None),

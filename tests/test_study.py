@@ -17,7 +17,7 @@ def tiny_study(tiny_model, corpora, cells):
             "model": str(tiny_model),
             "data": {"target": [str(corpora["train_de"])], "english": [str(corpora["train_en"])],
                      "eval": {"de": str(corpora["eval_de"]), "en": str(corpora["eval_en"])}},
-            "seq_len": 32, "stage1": {"tokens": 1280, "lr": 1e-3, "batch_size": 2},
+            "seq_len": 32, "stage1": {"tokens": 1280, "lr": 1e-3, "batch_size": 2, "bridge_tokens": 0},
             "align": {"lr": 1e-3, "batch_size": 2, "token_ratio": 0.25},
             "eval": {"max_chars": 2000, "sample_tokens": 0},
         },

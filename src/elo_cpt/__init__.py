@@ -4,6 +4,7 @@ The Python API mirrors the `elo` command one to one:
 
     elo run       -> run(load_config(...), out)
     elo detach    -> detach(model, layers, out)
+    elo bridge    -> bridge(shallow, data, tokens="auto")
     elo pretrain  -> pretrain(shallow, data, out, ...)
     elo merge     -> merge(base, shallow, out)
     elo align     -> align(model, data, out, ...)
@@ -34,6 +35,7 @@ _API = {
     "align": ("elo_cpt.train", "align"),
     "finetune": ("elo_cpt.train", "finetune"),
     "pretrain": ("elo_cpt.train", "pretrain"),
+    "bridge": ("elo_cpt.train", "bridge"),
     "bench": ("elo_cpt.bench", "bench"),
     "study": ("elo_cpt.study", "study"),
 }

@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     detach.add_argument("--frozen-layers", default="", help="extra layers kept frozen in the shallow model and not written back (e.g. 10,20)")
     detach.add_argument("--out", required=True)
 
+    bridge = sub.add_parser("bridge", help="fit least-squares bridges for the layers a shallow model removed (pretrain applies them)")
+    bridge.add_argument("shallow", help="shallow model folder from `elo detach` (its base model must still be where it was)")
+    bridge.add_argument("--data", action="append", required=True, metavar="SOURCE",
+                        help="calibration text, e.g. the stage-1 data (any source form of docs/data.md; repeatable)")
+    bridge.add_argument("--tokens", default="auto", help="calibration tokens, or auto: max(4096, 4x hidden size) (default auto)")
+    bridge.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+
     pretrain = sub.add_parser("pretrain", help="ELO stage 1: train the layers of a shallow model")
     pretrain.add_argument("shallow", help="shallow model folder from `elo detach`")
     _add_training_options(pretrain, lr=1.5e-5)
@@ -113,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _count(value: str, flag: str) -> int:
+    if not value.isdigit():
+        raise EloError(f"{flag} takes a whole number of tokens or auto, not {value!r}")
+    return int(value)
+
+
 def _train_config(args: argparse.Namespace):
     from elo_cpt.config import TrainConfig
 
@@ -163,6 +176,10 @@ def dispatch(args: argparse.Namespace) -> None:
         api.run(api.load_config(config_file, overrides), args.out)
     elif args.command == "detach":
         print(api.detach(args.model, args.layers, args.out, frozen_layers=args.frozen_layers))
+    elif args.command == "bridge":
+        tokens = args.tokens if args.tokens == "auto" else _count(args.tokens, "--tokens")
+        used = api.bridge(args.shallow, args.data, tokens, args.seq_len)
+        print(f"bridges fitted on {used:,} tokens; saved in {args.shallow}")
     elif args.command == "pretrain":
         stats = api.pretrain(args.shallow, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.train_norm)
         print(f"trained {stats.tokens:,} tokens in {stats.seconds:.0f} s; final loss {stats.final_loss}; saved {args.out}")

@@ -29,7 +29,6 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 import yaml
 from transformers import AutoConfig
 
@@ -133,13 +132,10 @@ def make_shallow(cfg: RunConfig, stage1_data: Path, shallow: Path) -> None:
     if not shallow.is_dir():
         surgery.detach(cfg.model, cfg.layers, shallow, frozen_layers=cfg.stage1.frozen_layers)
     if cfg.stage1.bridge_tokens and not (shallow / surgery.BRIDGE_FILE).is_file():
-        hidden = AutoConfig.from_pretrained(cfg.model).get_text_config().hidden_size
-        tokens = config_mod.bridge_token_count(cfg.stage1.bridge_tokens, hidden)
-        tokens = min(tokens, cfg.stage1.tokens or tokens)  # the stage-1 mixture holds no more than that
-        log(f"fitting the bridges for the removed layers on {tokens:,} stage-1 tokens (one full-model forward pass)")
-        calibration = data.load_training_data([str(stage1_data)], checkpoint.load_tokenizer(cfg.model), cfg.seq_len, tokens)
-        rows = torch.stack([calibration[i]["input_ids"] for i in range(len(calibration))])
-        surgery.add_bridges(cfg.model, shallow, rows)
+        log("fitting the bridges for the removed layers (one full-model forward pass)")
+        # the stage-1 mixture holds no more than stage1.tokens
+        used = train.bridge(shallow, [str(stage1_data)], cfg.stage1.bridge_tokens, cfg.seq_len, cfg.stage1.tokens)
+        log(f"bridges fitted on {used:,} stage-1 tokens")
 
 
 def same_config(recorded: dict, resolved: dict) -> bool:

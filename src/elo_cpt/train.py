@@ -29,10 +29,10 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoConfig, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 from elo_cpt import checkpoint, data, surgery
-from elo_cpt.config import TrainConfig
+from elo_cpt.config import AUTO, TrainConfig, bridge_token_count
 from elo_cpt.errors import EloError
 
 STATS_FILE = "training_stats.json"
@@ -391,6 +391,24 @@ def pretrain(
         model.save_pretrained(staging, safe_serialization=True)
 
     return _run_stage(shallow_dir, sources, out, cfg or TrainConfig(), seq_len, seed, prepare, save, provenance=provenance)
+
+
+def bridge(shallow_dir: str | Path, sources: list[str], tokens: int | str = AUTO, seq_len: int = 256,
+           max_tokens: int | None = None) -> int:
+    """Fit the least-squares bridges for the layers a shallow model removed (`surgery.fit_bridges`) on the first
+    `tokens` of `sources` (`auto`: max(4096, 4 x hidden size), at most `max_tokens`) and store them in its folder,
+    where `pretrain` applies them. Needs the base model the shallow one was detached from; returns the tokens used."""
+    shallow_dir = checkpoint.require_model_dir(shallow_dir)
+    base = checkpoint.read_provenance(shallow_dir)["base_model"]
+    count = bridge_token_count(tokens, AutoConfig.from_pretrained(shallow_dir).get_text_config().hidden_size)
+    count = min(count, max_tokens or count)
+    if count < seq_len:
+        raise EloError(f"bridges need at least one sequence of calibration text ({seq_len} tokens), not {count}; "
+                       "give more tokens or turn bridges off (0)")
+    calibration = data.load_training_data(sources, checkpoint.load_tokenizer(shallow_dir), seq_len, count)
+    rows = torch.stack([calibration[i]["input_ids"] for i in range(len(calibration))])
+    surgery.add_bridges(base, shallow_dir, rows)
+    return rows.numel()
 
 
 def finetune(
