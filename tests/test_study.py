@@ -76,6 +76,14 @@ def test_study_runs_every_method_and_resumes(tiny_model, corpora, tmp_path):
     changed = tiny_study(tiny_model, corpora, [{"name": "elo", "method": "elo", "set": {"stage1.lr": 1e-4}}])
     with pytest.raises(EloError, match="other settings"):
         study.study(changed, out)
+    # So is a changed `run` section (or default) under an unchanged cell, naming the setting...
+    spec["run"]["stage1"]["lr"] = 5e-4
+    with pytest.raises(EloError, match=r"cell elo with other settings \(stage1.lr: 0.001 -> 0.0005\)"):
+        study.study(spec, out, "elo")
+    # ...but not one that cannot change the numbers.
+    spec["run"]["stage1"]["lr"] = 1e-3
+    spec["run"]["eval"]["sample_tokens"] = 8
+    assert study.study(spec, out)["cells"] == results["cells"]
 
 
 def test_emulator_layers_stay_frozen_and_norm_is_written_back(tiny_model, corpora, tmp_path):

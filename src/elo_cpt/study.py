@@ -26,7 +26,7 @@ same share it (`stage1/KEY/`), so an alignment-budget sweep trains stage 1 once.
 
     DIR/study.yaml                 the study as given
     DIR/stage1/KEY/                a shared stage 1: its data, the trained shallow model, the merged model
-    DIR/cells/NAME/cell.json       the cell's resolved settings (a rerun with other settings is refused)
+    DIR/cells/NAME/cell.json       the cell, its resolved config and budget (a rerun that changes them is refused)
     DIR/cells/NAME/result.json     tokens, FLOPs, seconds, peak memory and bits/char of the cell
     DIR/results.json, .md, .png    the results table and plot
 """
@@ -215,11 +215,14 @@ def study(spec: str | Path | dict, out: str | Path, cells: list[str] | str | Non
     chosen = [parsed.cell(name) for name in wanted] if wanted else parsed.cells
     if out.exists() and any(out.iterdir()) and not (out / "study.yaml").is_file():
         raise EloError(f"{out} exists and is not a study folder; choose another --out")
+    plans = {cell.name: plan(parsed, cell) for cell in parsed.cells}
     for cell in chosen:  # refuse a changed cell before any work
         recorded = out / "cells" / cell.name / "cell.json"
-        if recorded.is_file() and json.loads(recorded.read_text())["cell"] != dataclasses.asdict(cell):
-            raise EloError(f"{out} ran cell {cell.name} with other settings; rename the cell or delete {recorded.parent}")
-    plans = {cell.name: plan(parsed, cell) for cell in parsed.cells}
+        if recorded.is_file():
+            changed = _changes(json.loads(recorded.read_text()), _record(parsed, cell, plans[cell.name]))
+            if changed:
+                raise EloError(f"{out} ran cell {cell.name} with other settings ({changed}); "
+                               f"rename the cell or delete {recorded.parent}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.yaml").write_text(yaml.safe_dump({"run": parsed.run, "cells": [dataclasses.asdict(c) for c in parsed.cells],
                                                     "keep_models": parsed.keep_models}, sort_keys=False, allow_unicode=True))
@@ -233,7 +236,7 @@ def study(spec: str | Path | dict, out: str | Path, cells: list[str] | str | Non
         log(f"cell {index}/{len(chosen)} {cell.name}: {cell.method}, {p['tokens']:,} training tokens, "
             f"{p['flops'] / 1e12:.1f} TFLOPs (cost model)")
         folder.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json(folder / "cell.json", {"cell": dataclasses.asdict(cell), "plan": p})
+        checkpoint.write_json(folder / "cell.json", _record(parsed, cell, p))
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run([sys.executable, "-m", "elo_cpt.study", str(out), cell.name], env=env)
         if proc.returncode != 0 or not (folder / RESULT).is_file():
@@ -243,6 +246,47 @@ def study(spec: str | Path | dict, out: str | Path, cells: list[str] | str | Non
     if failed:
         raise EloError(f"{len(failed)} cell(s) failed: {', '.join(failed)}; the others are in {out / 'results.md'}")
     return results
+
+
+# Settings that cannot change a cell's numbers: a study may change them (or their defaults) and still resume.
+_RESULT_NEUTRAL = {"stage1.save_steps", "align.save_steps", "eval.batch_size", "eval.sample_tokens", "eval.prompts",
+                   "eval.english_tolerance_pct"}
+
+
+def _flat(config: RunConfig) -> dict:
+    """A RunConfig as `section.key` -> value (its sections are one level deep)."""
+    flat = {}
+    for key, value in config_mod.to_dict(config).items():
+        if dataclasses.is_dataclass(getattr(config, key)):
+            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _record(parsed: Study, cell: Cell, cell_plan: dict) -> dict:
+    """What `cells/NAME/cell.json` records: the cell as written, its whole resolved config (so a changed `run`
+    section or a changed default is noticed too, not only a changed cell) and its budget."""
+    resolved = _flat(cell_config(parsed, cell))
+    config = {k: v for k, v in resolved.items() if k not in _RESULT_NEUTRAL}
+    return {"cell": dataclasses.asdict(cell), "config": config, "plan": cell_plan}
+
+
+def _changes(recorded: dict, current: dict) -> str:
+    """What makes a finished cell's results stale, e.g. `stage1.lr: 1.5e-05 -> 5e-05`; empty when nothing does.
+    Cells recorded before configs were recorded are compared by their entry and token budget only."""
+    if recorded["cell"] != current["cell"]:
+        return "its entry in the study file changed"
+    old = recorded.get("config")
+    if old is not None:
+        # keys in both only: a setting added or removed since keeps the old behaviour by its default
+        keys = sorted((set(old) & set(current["config"])) - _RESULT_NEUTRAL)
+        diffs = [f"{k}: {old[k]!r} -> {current['config'][k]!r}" for k in keys if old[k] != current["config"][k]]
+        if diffs:
+            return "; ".join(diffs)
+    if recorded.get("plan", {}).get("tokens") != current["plan"]["tokens"]:
+        return f"training tokens {recorded['plan']['tokens']:,} -> {current['plan']['tokens']:,}"
+    return ""
 
 
 def _key(values: dict) -> str:
