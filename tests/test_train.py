@@ -7,7 +7,6 @@ import torch
 from safetensors import safe_open
 from transformers import Trainer
 
-from conftest import TEXT
 from elo_cpt import surgery, train
 from elo_cpt.config import TrainConfig
 

@@ -66,7 +66,6 @@ def load_config(model: str):
 
 def build_model(model: str, method: str, layers: list[int], lora_rank: int, dtype):
     """The model one method trains, with requires_grad set as training sets it."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from elo_cpt import checkpoint, surgery, train
