@@ -9,8 +9,8 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 run() { timeout 150 .venv/bin/elo bench "$@" 2>&1 | grep -v "Loading weights" || echo "bench $1 failed or timed out"; }
 run smollm2-135m --methods elo,freeze,lora,fft,align,elo-logits --batch 8 --seq 1024 --steps 5 --warmup 2 \
-    --dtype bfloat16 --json "$OUT/smollm2.json" | tee "$OUT/smollm2.txt"
+    --precision bf16-mixed --json "$OUT/smollm2.json" | tee "$OUT/smollm2.txt"
 run llama-3.2-1b --methods elo,freeze,lora,fft,align --batch 4 --seq 2048 --steps 5 --warmup 2 \
-    --dtype bfloat16 --json "$OUT/llama1b.json" | tee "$OUT/llama1b.txt"
+    --precision bf16-mixed --json "$OUT/llama1b.json" | tee "$OUT/llama1b.txt"
 run llama-3.1-8b --methods elo,elo-logits --batch 1 --seq 8192 --steps 3 --warmup 1 \
-    --dtype bfloat16 --json "$OUT/llama8b.json" | tee "$OUT/llama8b.txt"
+    --precision bf16-mixed --json "$OUT/llama8b.json" | tee "$OUT/llama8b.txt"

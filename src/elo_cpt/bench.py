@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 from elo_cpt import costmodel, study_report
+from elo_cpt import precision as precision_mod
+from elo_cpt.config import PRECISIONS, TrainConfig
 from elo_cpt.errors import EloError
 
 METHODS = ("elo", "freeze", "lora", "fft", "align", "elo-logits")
@@ -99,7 +101,7 @@ def _status_bytes(field: str) -> int:
 
 
 def measure(model: str, method: str, layers: list[int], batch: int, seq: int, steps: int, warmup: int,
-            loss_chunk: int, lora_rank: int, dtype_name: str, seed: int = 0) -> dict:
+            loss_chunk: int, lora_rank: int, precision: str, seed: int = 0) -> dict:
     """Time `steps` training steps of one method in this process; return tokens/s and peak memory."""
     import torch
 
@@ -107,7 +109,8 @@ def measure(model: str, method: str, layers: list[int], batch: int, seq: int, st
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = getattr(torch, dtype_name)
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32  # bf16-mixed: fp32 weights, bf16 autocast
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     baseline = _status_bytes("VmRSS")
     torch.manual_seed(seed)
     build_start = time.perf_counter()
@@ -115,7 +118,9 @@ def measure(model: str, method: str, layers: list[int], batch: int, seq: int, st
     build_seconds = time.perf_counter() - build_start
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    # as training: bf16-true steps with Kahan summation (torch-optimi), the others with torch's AdamW
+    _, custom = precision_mod.optimizer(TrainConfig(lr=1e-5, optimizer="adamw_kahan" if precision == "bf16-true" else "adamw"))
+    optimizer = custom[0](params, **custom[1]) if custom else torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
     chunk = 0 if method == "elo-logits" else loss_chunk
     chunk = chunk if chunk and train.supports_chunked_loss(net, distributed=False) else 0
     vocab = net.config.get_text_config().vocab_size
@@ -123,6 +128,15 @@ def measure(model: str, method: str, layers: list[int], batch: int, seq: int, st
 
     def step() -> float:
         ids = torch.randint(vocab, (batch, seq), generator=generator).to(device)
+        with autocast:
+            loss = forward_loss(ids)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    def forward_loss(ids):
         if chunk:  # as EloTrainer.compute_loss: the model returns hidden states, the head runs in the loss
             head = net.get_output_embeddings()
             net.set_output_embeddings(train._Passthrough())
@@ -130,14 +144,8 @@ def measure(model: str, method: str, layers: list[int], batch: int, seq: int, st
                 hidden = net(input_ids=ids).logits
             finally:
                 net.set_output_embeddings(head)
-            loss = train.chunked_lm_loss(head, hidden, ids, chunk)
-        else:
-            loss = net(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+            return train.chunked_lm_loss(head, hidden, ids, chunk)
+        return net(input_ids=ids, labels=ids).loss
 
     for _ in range(warmup):
         step()
@@ -185,7 +193,7 @@ def _status_bytes_meminfo(field: str) -> int:
 
 def bench(model: str, methods: list[str] | str = "elo,freeze,lora,fft,align", batch: int = 4, seq: int = 256,
           steps: int = 3, warmup: int = 1, layers: str = "0,-1", loss_chunk: int = 1024, lora_rank: int = 16,
-          dtype: str = "float32", json_path: str | Path | None = None, force: bool = False) -> dict:
+          precision: str = "auto", json_path: str | Path | None = None, force: bool = False) -> dict:
     """Benchmark each method in a fresh subprocess; return (and optionally write) the results with the cost model."""
     from elo_cpt import surgery
 
@@ -198,14 +206,19 @@ def bench(model: str, methods: list[str] | str = "elo,freeze,lora,fft,align", ba
     config = load_config(model)
     shape = costmodel.Shape.from_config(config)
     absolute = surgery.resolve_layers(layers, shape.num_layers)
-    dtype_bytes = 2 if dtype in ("bfloat16", "float16") else 4
+    if precision not in PRECISIONS:
+        raise EloError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    precision = precision_mod.resolve(precision)
+    dtype_bytes = 2 if precision == "bf16-true" else 4
+    activation_bytes = 4 if precision == "32-true" else 2
     available = _available_bytes()
     rows = {}
     for method in methods:
         cost_method = "elo" if method == "elo-logits" else method
         cost = costmodel.step_cost(shape, cost_method, absolute, lora_rank)
         chunk = 0 if method == "elo-logits" else loss_chunk
-        estimate = costmodel.estimate_memory_bytes(shape, cost_method, absolute, batch, seq, chunk, lora_rank, dtype_bytes)
+        estimate = costmodel.estimate_memory_bytes(shape, cost_method, absolute, batch, seq, chunk, lora_rank, dtype_bytes,
+                                                  activation_bytes)
         row = {"flops_per_token": cost.flops_per_token, "forward_flops_per_token": cost.forward_flops,
                "trainable_params": cost.trainable_params, "estimated_memory_bytes": estimate["total"],
                "estimated_memory_breakdown": estimate, "measured": False}
@@ -216,12 +229,12 @@ def bench(model: str, methods: list[str] | str = "elo,freeze,lora,fft,align", ba
         else:
             print(f"[bench] {method}: running {warmup} warm-up + {steps} timed steps ...", file=sys.stderr, flush=True)
             args = dict(model=str(model), method=method, layers=absolute, batch=batch, seq=seq, steps=steps, warmup=warmup,
-                        loss_chunk=loss_chunk, lora_rank=lora_rank, dtype_name=dtype)
+                        loss_chunk=loss_chunk, lora_rank=lora_rank, precision=precision)
             row.update(_run_isolated(args), measured=True, peak_memory_estimated=False)
         rows[method] = row
     result = {
         "model": str(model), "shape": shape.__dict__, "layers": absolute, "batch": batch, "seq": seq, "steps": steps,
-        "warmup": warmup, "loss_chunk": loss_chunk, "lora_rank": lora_rank, "dtype": dtype,
+        "warmup": warmup, "loss_chunk": loss_chunk, "lora_rank": lora_rank, "precision": precision,
         "machine": study_report.machine(), "methods": rows,
     }
     _add_ratios(result, shape, absolute, lora_rank)
@@ -266,7 +279,7 @@ def _fmt(value, spec: str, scale: float = 1.0, missing: str = "-") -> str:
 
 def format_table(result: dict) -> str:
     lines = [f"{result['model']}  batch {result['batch']} x seq {result['seq']}, {result['steps']} timed steps after "
-             f"{result['warmup']} warm-up, layers {result['layers']}, loss chunk {result['loss_chunk']}, {result['dtype']}",
+             f"{result['warmup']} warm-up, layers {result['layers']}, loss chunk {result['loss_chunk']}, {result.get('precision', result.get('dtype'))}",
              f"{'method':<11} {'tokens/s':>9} {'peak mem':>11} {'trainable':>12} {'GFLOP/tok':>9} {'bound':>6} {'measured':>8} {'effic.':>6}"]
     for name, row in result["methods"].items():
         memory = _fmt(row["peak_memory_bytes"], ".2f", 2**30) + (" GiB*" if row.get("peak_memory_estimated") else " GiB ")

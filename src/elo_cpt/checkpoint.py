@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -252,11 +253,29 @@ def atomic_output(out: str | Path, overwrite: bool = False, keep_partial: bool =
     os.replace(staging, out)
 
 
-def load_model(path: str | Path) -> PreTrainedModel:
-    """Load a model folder for training: safetensors only, no remote code, fp32 on CPU."""
+def load_model(path: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a model folder: safetensors only, no remote code; in `dtype`, by default bf16 on a GPU that has it
+    (inference) and fp32 elsewhere."""
     path = require_model_dir(path)
-    dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+
+
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(model_dir: Path) -> torch.dtype:
+    """The floating dtype holding most of a folder's numbers, read from the safetensors headers alone."""
+    counts: dict[torch.dtype, int] = {}
+    for shard in safetensors_files(model_dir):
+        with _open_shard(shard) as f:
+            for name in f.keys():
+                part = f.get_slice(name)
+                dtype = _SAFETENSORS_FLOATS.get(part.get_dtype())
+                if dtype is not None:
+                    counts[dtype] = counts.get(dtype, 0) + math.prod(part.get_shape())
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def load_tokenizer(path: str | Path):

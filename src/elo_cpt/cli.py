@@ -24,7 +24,11 @@ def _add_training_options(parser: argparse.ArgumentParser, lr: float) -> None:
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-steps", type=int, default=50, help="resumable checkpoint every N steps (default 50)")
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit"], help="adamw_8bit needs bitsandbytes")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "adamw_kahan"],
+                        help="adamw_8bit needs bitsandbytes; adamw_kahan (Kahan-summed updates, for bf16-true) needs torch-optimi")
+    parser.add_argument("--precision", default="auto", metavar="{auto,32-true,bf16-mixed,bf16-true}",
+                        help="auto (default): bf16-mixed on a GPU with bf16, else 32-true; bf16-mixed keeps fp32 master weights; "
+                             "bf16-true needs --optimizer adamw_kahan")
     parser.add_argument("--loss-chunk", type=int, default=1024, help="positions per chunk of the vocabulary loss; 0: full logits")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
 
@@ -101,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--layers", default="0,-1", help="layers ELO and freeze train (default 0,-1)")
     bench.add_argument("--loss-chunk", type=int, default=1024, help="positions per chunk of the vocabulary loss; 0: full logits")
     bench.add_argument("--lora-rank", type=int, default=16)
-    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    bench.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed", "bf16-true"],
+                       help="as in training (default auto: bf16-mixed on a GPU with bf16, else 32-true); bf16-true steps "
+                            "with Kahan summation (needs torch-optimi)")
+    bench.add_argument("--dtype", choices=["float32", "bfloat16"], help=argparse.SUPPRESS)  # before --precision: 32-true, bf16-true
     bench.add_argument("--force", action="store_true", help="run methods even where the memory estimate exceeds what is available")
     bench.add_argument("--json", help="write the results to this JSON file")
     bench.add_argument("--data", action="append", metavar="SOURCE",
@@ -130,7 +137,7 @@ def _train_config(args: argparse.Namespace):
     from elo_cpt.config import TrainConfig
 
     return TrainConfig(tokens=args.tokens, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                       save_steps=args.save_steps, optimizer=args.optimizer, loss_chunk=args.loss_chunk,
+                       save_steps=args.save_steps, optimizer=args.optimizer, precision=args.precision, loss_chunk=args.loss_chunk,
                        gradient_checkpointing=args.gradient_checkpointing, lora_rank=getattr(args, "lora_rank", 16))
 
 
@@ -202,7 +209,7 @@ def dispatch(args: argparse.Namespace) -> None:
         bench_tokenization(args.data, args.model, args.seq, args.documents, args.workers, args.json)
     elif args.command == "bench":
         api.bench(args.model, args.methods, args.batch, args.seq, args.steps, args.warmup, args.layers, args.loss_chunk,
-                  args.lora_rank, args.dtype, args.json, args.force)
+                  args.lora_rank, {"float32": "32-true", "bfloat16": "bf16-true"}.get(args.dtype, args.precision), args.json, args.force)
     elif args.command == "study":
         if args.list:
             from elo_cpt.study import load_study, plan

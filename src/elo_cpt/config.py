@@ -19,6 +19,14 @@ from elo_cpt.errors import EloError
 
 #: `stage1.bridge_tokens: auto`: enough calibration tokens for the model's width (see `bridge_token_count`).
 AUTO = "auto"
+#: Training precisions, with Lightning's names; `auto` resolves to one of the others on the hardware at hand.
+PRECISIONS = (AUTO, "32-true", "bf16-mixed", "bf16-true")
+#: Optimizers by their config name. `adamw_kahan` keeps bf16 weights' small updates (Kahan summation).
+OPTIMIZERS = ("adamw", "adamw_8bit", "adamw_kahan")
+#: Why bf16-true is refused with a plain optimizer (shared by the config and the training commands).
+BF16_TRUE_NEEDS = ("needs optimizer adamw_kahan: with bf16 weights, an AdamW step of about lr is below half a bf16 "
+                   "ulp of most weights and rounds away; use precision bf16-mixed (fp32 master weights) instead, "
+                   "or optimizer adamw_kahan (pip install torch-optimi)")
 
 
 @dataclass
@@ -44,7 +52,12 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 turns clipping off)."""
     optimizer: str = "adamw"
-    """`adamw` (PyTorch AdamW) or `adamw_8bit` (bitsandbytes' 8-bit AdamW, the paper's; needs bitsandbytes)."""
+    """`adamw` (PyTorch AdamW), `adamw_8bit` (bitsandbytes' 8-bit AdamW, the paper's; needs bitsandbytes) or
+    `adamw_kahan` (torch-optimi's AdamW with Kahan-summed updates, which bf16-true needs; needs torch-optimi)."""
+    precision: str = AUTO
+    """32-true (fp32 throughout), bf16-mixed (fp32 master weights and optimizer state, bf16 autocast compute),
+    bf16-true (bf16 weights; only with optimizer adamw_kahan, since plain AdamW steps of about lr round away in
+    bf16), or auto: bf16-mixed on a GPU with bf16, else 32-true. The saved model keeps its input's dtype."""
     loss_chunk: int = 1024
     """Token positions per chunk of the vocabulary loss, so the full logits never exist at once; 0 computes them whole."""
     gradient_checkpointing: bool = False
@@ -285,6 +298,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+def train_checks(train: TrainConfig, prefix: str = "", min_tokens: int = 1) -> list[tuple[bool, str]]:
+    """(holds, message) for each setting of one training stage; `prefix` names the stage's section in messages."""
+    return [
+        (train.tokens is None or train.tokens >= min_tokens, f"{prefix}tokens must be >= {min_tokens} (or unset: one pass over the data)"),
+        (train.lr > 0, f"{prefix}lr must be positive"),
+        (train.batch_size >= 1 and train.grad_accum >= 1, f"{prefix}batch_size and {prefix}grad_accum must be >= 1"),
+        (0 <= train.warmup_ratio < 1, f"{prefix}warmup_ratio must be in [0, 1)"),
+        (train.optimizer in OPTIMIZERS, f"{prefix}optimizer must be one of {', '.join(OPTIMIZERS)}, not {train.optimizer!r}"),
+        (train.precision in PRECISIONS, f"{prefix}precision must be one of {', '.join(PRECISIONS)}, not {train.precision!r}"),
+        (train.precision != "bf16-true" or train.optimizer == "adamw_kahan", f"{prefix}precision bf16-true {BF16_TRUE_NEEDS}"),
+    ]
+
+
+def validate_train(train: TrainConfig) -> None:
+    """Reject settings of a single training command (`elo pretrain`, `align`, `finetune`) that cannot work."""
+    for ok, message in train_checks(train):
+        if not ok:
+            raise EloError(message)
+
+
 def validate(config: RunConfig) -> None:
     """Reject values that cannot work, before any expensive step starts."""
     checks = [
@@ -297,14 +330,7 @@ def validate(config: RunConfig) -> None:
         (config.stage1.bridge_tokens == AUTO or (isinstance(config.stage1.bridge_tokens, int) and config.stage1.bridge_tokens >= 0),
          f"stage1.bridge_tokens must be a token count >= 0 (0 turns bridges off) or {AUTO}, not {config.stage1.bridge_tokens!r}"),
     ]
-    for stage in ("stage1", "align"):
-        train = getattr(config, stage)
-        checks += [
-            (train.tokens is None or train.tokens >= 0, f"{stage}.tokens must be >= 0"),
-            (train.lr > 0, f"{stage}.lr must be positive"),
-            (train.batch_size >= 1 and train.grad_accum >= 1, f"{stage}.batch_size and grad_accum must be >= 1"),
-            (0 <= train.warmup_ratio < 1, f"{stage}.warmup_ratio must be in [0, 1)"),
-        ]
+    checks += train_checks(config.stage1, "stage1.") + train_checks(config.align, "align.", min_tokens=0)  # 0: no alignment
     for ok, message in checks:
         if not ok:
             raise EloError(message)

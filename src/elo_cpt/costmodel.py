@@ -195,19 +195,21 @@ def pipeline_speedup(stage1_rate: float, align_rate: float, fft_rate: float, sta
 
 
 def estimate_memory_bytes(shape: Shape, method: str, layers: list[int], batch: int, seq: int,
-                          loss_chunk: int = 1024, lora_rank: int = 16, dtype_bytes: int = 4) -> dict[str, int]:
+                          loss_chunk: int = 1024, lora_rank: int = 16, dtype_bytes: int = 4,
+                          activation_bytes: int | None = None) -> dict[str, int]:
     """A rough peak-memory estimate of one training step, without the runtime's own footprint.
 
     weights (every parameter of the computed model) + trainable x (gradient + AdamW moments, fp32) + saved
     activations (~(10 hidden + 4 intermediate) values per token per computed layer) + logits (batch x seq x vocab,
-    about 3 copies: logits, softmax, gradient; one chunk x vocab block with the chunked loss).
+    about 3 copies: logits, softmax, gradient; one chunk x vocab block with the chunked loss). Weights take
+    `dtype_bytes` each, saved activations `activation_bytes` (default the same; 2 under bf16 autocast).
     """
     cost = step_cost(shape, method, layers, lora_rank)
     computed = cost.computed_layers
     weights = shape.total_params(computed) * dtype_bytes
     train_state = cost.trainable_params * TRAIN_STATE_BYTES
     tokens = batch * seq
-    activations = tokens * computed * (10 * shape.hidden + 4 * shape.active_intermediate) * dtype_bytes
+    activations = tokens * computed * (10 * shape.hidden + 4 * shape.active_intermediate) * (activation_bytes or dtype_bytes)
     logit_rows = min(loss_chunk, tokens) if loss_chunk else tokens
     logits = 3 * logit_rows * shape.vocab * 4
     total = weights + train_state + activations + logits

@@ -188,6 +188,17 @@ def headline(metrics: dict) -> list[dict]:
             "detail": f"{trained:,} tokens trained" if trained else "",
             "status": "neutral",
         })
+    trained_stages = [(name, stage["training"]) for name, stage in metrics.get("stages", {}).items()
+                      if (stage.get("training") or {}).get("precision")]
+    if trained_stages:
+        precisions = dict.fromkeys(t["precision"] for _, t in trained_stages)
+        machine = trained_stages[0][1].get("hardware", {})
+        items.append({
+            "title": "precision and hardware",
+            "value": " / ".join(precisions) if len(precisions) > 1 else next(iter(precisions)),
+            "detail": f"{machine.get('gpu') or machine.get('device', '?')}, torch {machine.get('torch', '?')}",
+            "status": "neutral",
+        })
     if not evaluation:
         items.append({"title": "evaluation", "value": "none", "detail": "metrics.json has no eval results", "status": "bad"})
     return items

@@ -32,7 +32,8 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 from elo_cpt import checkpoint, data, surgery
-from elo_cpt.config import AUTO, TrainConfig, bridge_token_count
+from elo_cpt import precision as precision_mod
+from elo_cpt.config import AUTO, TrainConfig, bridge_token_count, validate_train
 from elo_cpt.errors import EloError
 
 STATS_FILE = "training_stats.json"
@@ -50,6 +51,8 @@ class StageStats:
     final_loss: float | None
     peak_rss_bytes: int
     losses: list[tuple[int, float]] = field(default_factory=list)
+    precision: str = "32-true"
+    hardware: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,12 +120,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def chunked_lm_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Mean next-token cross-entropy of a linear head over `hidden`, `chunk` positions of logits at a time."""
+def chunked_lm_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int,
+                    num_items: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy of a linear head over `hidden`, `chunk` positions of logits at a time, summed and
+    divided by `num_items` (the targets of the whole accumulated batch, as Trainer counts them), or by this batch's
+    own targets when it is None (a mean)."""
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].reshape(-1)
     total = _LinearCrossEntropy.apply(hidden, head.weight, targets, chunk)
-    return total / (targets != -100).sum().clamp(min=1)
+    return total / (num_items if num_items is not None else (targets != -100).sum().clamp(min=1))
 
 
 def supports_chunked_loss(model: PreTrainedModel, distributed: bool) -> bool:
@@ -154,7 +160,14 @@ class EloTrainer(Trainer):
             hidden = model(input_ids=inputs["input_ids"]).logits
         finally:
             inner.set_output_embeddings(head)
-        loss = chunked_lm_loss(head, hidden, inputs["labels"], self.loss_chunk)
+        # Accelerate autocasts only the model's forward; the head runs here, so it gets the same precision.
+        with self.accelerator.autocast():
+            loss = chunked_lm_loss(head, hidden, inputs["labels"], self.loss_chunk, num_items_in_batch)
+        # Trainer counts `num_items_in_batch` over the accumulated batch of every process (for models that take loss
+        # kwargs) and then leaves the loss undivided by the accumulation steps; DDP averages the gradients across
+        # processes, which the global count has already done, hence the same rescaling as Trainer's own loss.
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
 
     def _save(self, output_dir: str | None = None, state_dict=None):
@@ -187,16 +200,9 @@ class TokensPerSecond(TrainerCallback):
             logs["tokens_per_s"] = round((state.global_step - self.start_step) * self.tokens_per_step / elapsed, 1)
 
 
-def training_arguments(cfg: TrainConfig, work_dir: Path, steps: int, seed: int, bf16: bool) -> TrainingArguments:
-    """Trainer settings for one pass of `steps` optimizer steps."""
-    optimizers = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}
-    if cfg.optimizer not in optimizers:
-        raise EloError(f"unknown optimizer {cfg.optimizer!r}; use one of {', '.join(optimizers)}")
-    if cfg.optimizer == "adamw_8bit":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise EloError("optimizer adamw_8bit needs bitsandbytes; pip install bitsandbytes, or use optimizer=adamw") from None
+def training_arguments(cfg: TrainConfig, work_dir: Path, steps: int, seed: int, precision: str) -> TrainingArguments:
+    """Trainer settings for one pass of `steps` optimizer steps at a resolved `precision`."""
+    optim, _ = precision_mod.optimizer(cfg)
     return TrainingArguments(
         output_dir=str(work_dir / "checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
@@ -206,7 +212,7 @@ def training_arguments(cfg: TrainConfig, work_dir: Path, steps: int, seed: int, 
         warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        optim=optimizers[cfg.optimizer],
+        optim=optim,
         gradient_checkpointing=cfg.gradient_checkpointing,
         num_train_epochs=1,
         logging_steps=max(1, steps // 20),
@@ -219,7 +225,7 @@ def training_arguments(cfg: TrainConfig, work_dir: Path, steps: int, seed: int, 
         train_sampling_strategy="sequential",
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
-        bf16=bf16,
+        bf16=precision == "bf16-mixed",  # autocast over fp32 weights; bf16-true weights are bf16 already
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
     )
@@ -268,7 +274,8 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
     dataset = dataset.shuffled(order)  # a permutation of indices: the (memory-mapped) rows are not copied
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
     steps = math.ceil(len(dataset) / (cfg.batch_size * cfg.grad_accum * world))
-    args = training_arguments(cfg, work_dir, steps, seed, bf16=model.dtype == torch.bfloat16)
+    precision = precision_mod.resolve(cfg.precision)
+    args = training_arguments(cfg, work_dir, steps, seed, precision)
     seq_len = dataset.seq_len
     tokens_per_step = cfg.batch_size * cfg.grad_accum * max(1, args.world_size) * seq_len
     callbacks = [TokensPerSecond(tokens_per_step)]
@@ -277,7 +284,8 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
         from transformers.integrations import TensorBoardCallback
 
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(work_dir / "logs"))))
-    trainer = EloTrainer(model=model, args=args, train_dataset=dataset, loss_chunk=cfg.loss_chunk, callbacks=callbacks)
+    trainer = EloTrainer(model=model, args=args, train_dataset=dataset, loss_chunk=cfg.loss_chunk, callbacks=callbacks,
+                         optimizer_cls_and_kwargs=precision_mod.optimizer(cfg)[1])
     resume = last_complete_checkpoint(Path(args.output_dir))
     if resume:
         print(f"resuming from {resume}", file=sys.stderr)
@@ -295,6 +303,8 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
         final_loss=losses[-1][1] if losses else None,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         losses=losses,
+        precision=precision,
+        hardware=precision_mod.hardware(),
     )
     return stats, trainer
 
@@ -332,11 +342,20 @@ def _run_stage(
     Under FSDP or DeepSpeed the parameters are sharded across processes, so the model is gathered and saved with
     Trainer's own `save_model` on every process instead of `save`.
     """
+    validate_train(cfg)
+    # fp32 master weights except in bf16-true; the result is saved in the dtype the input was stored in
+    weights_dtype = torch.bfloat16 if precision_mod.resolve(cfg.precision) == "bf16-true" else torch.float32
+    stored_dtype = checkpoint.stored_dtype(model_dir)
     tokenizer = checkpoint.load_tokenizer(model_dir)
     dataset = data.load_training_data(sources, tokenizer, seq_len, cfg.tokens)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if len(dataset) < cfg.batch_size * cfg.grad_accum * world:
+        raise EloError(f"{len(dataset)} sequences of {seq_len} tokens cannot fill one optimizer step of {cfg.batch_size} "
+                       f"sequences x {cfg.grad_accum} accumulation steps x {world} processes; raise the token budget or "
+                       "lower the batch size, accumulation or process count")
     with stage_output(out) as (staging, main):
         torch.manual_seed(seed)
-        model = prepare(checkpoint.load_model(model_dir))
+        model = prepare(checkpoint.load_model(model_dir, weights_dtype))
         stats, trainer = run_trainer(model, dataset, cfg, staging, seed)
         sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
         if sharded:
@@ -345,7 +364,7 @@ def _run_stage(
             return stats
         shutil.rmtree(staging / "checkpoints", ignore_errors=True)
         if not sharded:
-            save(model, staging)
+            save(model.to(stored_dtype), staging)
         checkpoint.copy_side_files(model_dir, staging, skip=("config.json", "generation_config.json"))
         engine = "fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled else None
         checkpoint.write_json(staging / STATS_FILE, {**stats.to_dict(), **(extra_stats or {}),
