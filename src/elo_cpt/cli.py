@@ -10,6 +10,31 @@ from pathlib import Path
 from elo_cpt.errors import EloError
 
 DEFAULT_OUT = "runs/default"
+#: Options whose value is a layer spec, which may start with a minus sign (`-2:`, `-1,3`).
+LAYER_SPEC_OPTIONS = ("--layers", "--frozen-layers")
+
+
+def join_layer_specs(argv: list[str]) -> list[str]:
+    """`--layers -2:` as `--layers=-2:`, and the same for every option of LAYER_SPEC_OPTIONS.
+
+    argparse reads an argument that starts with '-' and is not a plain negative number (`-2:`, `-1,3`) as an option,
+    so such a value is joined to its option in argparse's documented `--option=value` form (no private parser state).
+    """
+    joined: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return joined + argv[i:]
+        if joined and joined[-1] in LAYER_SPEC_OPTIONS and len(arg) > 1 and arg[0] == "-" and arg[1].isdigit():
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
+class _Parser(argparse.ArgumentParser):
+    def parse_known_args(self, args=None, namespace=None):
+        # The top-level parser joins; subcommand parsers (the same class) then receive joined arguments.
+        return super().parse_known_args(join_layer_specs(sys.argv[1:] if args is None else list(args)), namespace)
 
 
 def _add_training_options(parser: argparse.ArgumentParser, lr: float) -> None:
@@ -30,7 +55,7 @@ def _add_training_options(parser: argparse.ArgumentParser, lr: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elo", description="ELO continual pretraining: train a few layers of a shallow model, write them back, align.")
+    parser = _Parser(prog="elo", description="ELO continual pretraining: train a few layers of a shallow model, write them back, align.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="the whole pipeline (stage 1, write-back, alignment, evaluation)")
