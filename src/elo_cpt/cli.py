@@ -159,6 +159,11 @@ def _train_config(args: argparse.Namespace):
                        gradient_checkpointing=args.gradient_checkpointing, lora_rank=getattr(args, "lora_rank", 16))
 
 
+def _trained(stats, out: str) -> str:
+    resumed = f" over {stats.resumes + 1} invocations" if stats.resumes else ""
+    return f"trained {stats.tokens:,} tokens in {stats.seconds:.0f} s{resumed}; final loss {stats.final_loss}; saved {out}"
+
+
 def _eval(args: argparse.Namespace, api) -> None:
     """Bits/char and lm-eval tasks on one loaded model: the folder is read once for both."""
     from elo_cpt.evaluation import load_for_eval, parse_texts
@@ -207,15 +212,15 @@ def dispatch(args: argparse.Namespace) -> None:
         print(f"bridges fitted on {used:,} tokens; saved in {args.shallow}")
     elif args.command == "pretrain":
         stats = api.pretrain(args.shallow, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.train_norm)
-        print(f"trained {stats.tokens:,} tokens in {stats.seconds:.0f} s; final loss {stats.final_loss}; saved {args.out}")
+        print(_trained(stats, args.out))
     elif args.command == "merge":
         print(api.merge(args.base, args.shallow, args.out))
     elif args.command == "align":
         stats = api.align(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed)
-        print(f"trained {stats.tokens:,} tokens in {stats.seconds:.0f} s; final loss {stats.final_loss}; saved {args.out}")
+        print(_trained(stats, args.out))
     elif args.command == "finetune":
         stats = api.finetune(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.method, args.layers)
-        print(f"trained {stats.tokens:,} tokens in {stats.seconds:.0f} s; final loss {stats.final_loss}; saved {args.out}")
+        print(_trained(stats, args.out))
     elif args.command == "eval":
         _eval(args, api)
     elif args.command == "report":

@@ -36,6 +36,8 @@ from elo_cpt.config import AUTO, TrainConfig, bridge_token_count
 from elo_cpt.errors import EloError
 
 STATS_FILE = "training_stats.json"
+#: The running total of a stage's training seconds over invocations, in its staging folder (see StageClock).
+CLOCK_FILE = "stage_clock.json"
 METHODS = ("fft", "freeze", "lora")
 
 
@@ -45,7 +47,8 @@ class StageStats:
 
     steps: int
     tokens: int
-    seconds: float
+    seconds: float  # wall-clock training seconds of every invocation that trained the stage, lost work included
+    resumes: int  # invocations after the first (reruns after an interruption)
     trainable_params: int
     final_loss: float | None
     peak_rss_bytes: int
@@ -187,6 +190,45 @@ class TokensPerSecond(TrainerCallback):
             logs["tokens_per_s"] = round((state.global_step - self.start_step) * self.tokens_per_step / elapsed, 1)
 
 
+class StageClock(TrainerCallback):
+    """Wall-clock training seconds of a stage over every invocation, and how many there were.
+
+    A SIGKILL leaves no chance to write at exit, so the running total is written to `path` as training goes (at the
+    start, at most once a second at step ends, at each checkpoint and at the end): a rerun that resumes the stage
+    adds its own seconds to those of the invocations before it, including the work they lost after their last
+    checkpoint. Only the main process writes.
+    """
+
+    def __init__(self, path: Path, write: bool = True, every: float = 1.0):
+        self.path, self.write, self.every = path, write, every
+        earlier = json.loads(path.read_text()) if path.is_file() else {}
+        self.earlier_seconds = float(earlier.get("seconds", 0.0))
+        self.invocations = int(earlier.get("invocations", 0)) + 1
+        self.start = self.saved = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.earlier_seconds + time.perf_counter() - self.start
+
+    def begin(self) -> None:
+        self.start = time.perf_counter()
+
+    def save(self) -> None:
+        if self.write:
+            checkpoint.write_json(self.path, {"seconds": round(self.seconds, 3), "invocations": self.invocations})
+        self.saved = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.save()  # every process has read the earlier total by now: wrapping the model for DDP synchronises them
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self.saved >= self.every:
+            self.save()
+
+    def on_save(self, args, state, control, **kwargs):
+        self.save()
+
+
 def training_arguments(cfg: TrainConfig, work_dir: Path, steps: int, seed: int, bf16: bool) -> TrainingArguments:
     """Trainer settings for one pass of `steps` optimizer steps."""
     optimizers = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}
@@ -271,7 +313,8 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
     args = training_arguments(cfg, work_dir, steps, seed, bf16=model.dtype == torch.bfloat16)
     seq_len = dataset.seq_len
     tokens_per_step = cfg.batch_size * cfg.grad_accum * max(1, args.world_size) * seq_len
-    callbacks = [TokensPerSecond(tokens_per_step)]
+    clock = StageClock(work_dir / CLOCK_FILE, write=args.process_index == 0)
+    callbacks = [TokensPerSecond(tokens_per_step), clock]
     if args.process_index == 0:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
@@ -279,11 +322,15 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(work_dir / "logs"))))
     trainer = EloTrainer(model=model, args=args, train_dataset=dataset, loss_chunk=cfg.loss_chunk, callbacks=callbacks)
     resume = last_complete_checkpoint(Path(args.output_dir))
-    if resume:
-        print(f"resuming from {resume}", file=sys.stderr)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - start
+    if resume or clock.invocations > 1:
+        print(f"resuming from {resume or 'the start (no complete checkpoint)'}: run {clock.invocations} of this stage, "
+              f"{clock.earlier_seconds:.1f} s trained before", file=sys.stderr)
+    clock.begin()
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:  # an exception or Ctrl-C: its seconds still count when the stage is rerun
+        clock.save()
+    seconds = clock.seconds
     losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
     if args.process_index == 0:
         save_loss_plot(losses, work_dir / "loss.png")
@@ -291,6 +338,7 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
         steps=trainer.state.global_step,
         tokens=min(trainer.state.global_step * tokens_per_step, len(dataset) * seq_len),
         seconds=round(seconds, 2),
+        resumes=clock.invocations - 1,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         final_loss=losses[-1][1] if losses else None,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -344,6 +392,7 @@ def _run_stage(
         if not main:
             return stats
         shutil.rmtree(staging / "checkpoints", ignore_errors=True)
+        (staging / CLOCK_FILE).unlink(missing_ok=True)  # its totals are in the stats
         if not sharded:
             save(model, staging)
         checkpoint.copy_side_files(model_dir, staging, skip=("config.json", "generation_config.json"))
