@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from conftest import TEXT
+from elo_cpt import checkpoint, cli
 
 
 def elo(*args, cwd=None):
@@ -62,3 +64,23 @@ def test_bad_input_gives_one_line_error_and_no_output(tiny_model, tmp_path, args
 def test_show_config_lists_documented_keys():
     result = elo("run", "--show-config")
     assert result.returncode == 0 and "stage1.lr = 1.5e-05" in result.stdout
+
+
+@pytest.mark.parametrize("spec", ["-2:", "-1,3", "-1", "-3:-1", "0,-1"])
+def test_layer_specs_starting_with_a_minus_parse_as_typed(spec):
+    parser = cli.build_parser()
+    detach = parser.parse_args(["detach", "M", "--layers", spec, "--frozen-layers", spec, "--out", "X"])
+    assert (detach.layers, detach.frozen_layers, detach.out) == (spec, spec, "X")
+    finetune = parser.parse_args(["finetune", "M", "--data", "d.txt", "--method", "freeze", "--layers", spec, "--out", "X"])
+    assert (finetune.layers, finetune.method, finetune.out) == (spec, "freeze", "X")
+    assert parser.parse_args(["bench", "M", "--layers", spec, "--steps", "2"]).layers == spec
+    assert parser.parse_args(["detach", "M", f"--layers={spec}", "--out", "X"]).layers == spec  # the form that always worked
+    # A missing value is still an error, not an option swallowed as a spec.
+    with pytest.raises(SystemExit):
+        parser.parse_args(["detach", "M", "--layers", "--out", "X"])
+
+
+def test_elo_detach_with_a_negative_range(tiny_model, tmp_path, capsys):
+    assert cli.main(["detach", str(tiny_model), "--layers", "-2:", "--frozen-layers", "-4,-3", "--out", str(tmp_path / "shallow")]) == 0
+    provenance = json.loads((tmp_path / "shallow" / checkpoint.PROVENANCE).read_text())
+    assert provenance["layers"] == [1, 2, 3, 4] and provenance["trained_layers"] == [3, 4]

@@ -133,11 +133,21 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_weights(tmp_path, corpora, st
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "killed").exists(), "the run finished before it could be killed; make the model slower"
-    subprocess.run(_elo(stage, model, *common, "--out", tmp_path / "killed"), check=True, env=ENV, capture_output=True)
+    # What the killed invocation had trained, as it wrote it on the way (at the start, each second, each checkpoint).
+    killed = json.loads((tmp_path / "killed.partial" / train.CLOCK_FILE).read_text())
+    assert killed["invocations"] == 1 and killed["seconds"] > 0
+    rerun = subprocess.run(_elo(stage, model, *common, "--out", tmp_path / "killed"), check=True, env=ENV, capture_output=True, text=True)
+    assert "run 2 of this stage" in rerun.stderr
     straight, resumed = tensors(tmp_path / "straight"), tensors(tmp_path / "killed")
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
     assert not (tmp_path / "killed.partial").exists()
+    # The stage's seconds are both invocations' (the rerun's own share comes on top of the killed one's); tokens
+    # are those trained into the weights, as in the uninterrupted run.
+    stats = json.loads((tmp_path / "killed" / train.STATS_FILE).read_text())
+    straight_stats = json.loads((tmp_path / "straight" / train.STATS_FILE).read_text())
+    assert (stats["resumes"], straight_stats["resumes"]) == (1, 0)
+    assert stats["seconds"] > killed["seconds"] and stats["tokens"] == straight_stats["tokens"] == 4096
 
 
 def test_two_process_ddp_matches_one_process(tmp_path, corpora):

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
-from elo_cpt import config, pipeline
+from elo_cpt import config, pipeline, report, train
 from elo_cpt.errors import EloError
 
 
@@ -63,6 +68,68 @@ def test_alignment_budget_zero_keeps_the_merged_model(tiny_model, corpora, tmp_p
     assert not list(tmp_path.glob(".run.*")), "a killed run's staging folder was left behind"
     assert "training" not in metrics["stages"]["align"]
     assert metrics["eval"]["final"] == metrics["eval"]["merged"]
+
+
+def test_a_run_interrupted_in_stage_1_reports_the_time_of_every_invocation(tiny_model, corpora, tmp_path, monkeypatch, capsys):
+    cfg = tiny_run_config(tiny_model, corpora, "stage1.save_steps=5", "align.token_ratio=0")
+    run = tmp_path / "run"
+    original_step, calls, pause = Trainer.training_step, [], 0.2
+
+    def crash_at_step_12(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 12:
+            raise RuntimeError("simulated crash")
+        time.sleep(pause)  # 11 slow steps in the interrupted invocation, none in the rerun
+        return original_step(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "training_step", crash_at_step_12)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pipeline.run(cfg, run)
+    interrupted = json.loads((run / "timings.json").read_text())["stage1"]
+    assert interrupted >= 11 * pause
+
+    original_pretrain, rerun = train.pretrain, []
+
+    def timed_pretrain(*a, **k):
+        start = time.perf_counter()
+        try:
+            return original_pretrain(*a, **k)
+        finally:
+            rerun.append(time.perf_counter() - start)
+
+    monkeypatch.setattr(Trainer, "training_step", original_step)
+    monkeypatch.setattr(train, "pretrain", timed_pretrain)
+    metrics = pipeline.run(cfg, run)
+    stage1 = metrics["stages"]["stage1"]
+    assert stage1["training"]["resumes"] == 1 and stage1["training"]["tokens"] == 1600
+    # The step and its training count both invocations: more than the rerun's own share, by the interrupted part.
+    assert stage1["seconds"] >= interrupted + rerun[0] - 0.02
+    assert stage1["training"]["seconds"] > 11 * pause and stage1["training"]["seconds"] > rerun[0]
+    assert metrics["total_seconds"] == round(sum(json.loads((run / "timings.json").read_text()).values()), 1)
+    assert "this_invocation_seconds" in metrics
+    assert "resumed: ELO stage 1 1x" in capsys.readouterr().out
+    assert "| resumes |" in (run / report.MD_FILE).read_text()
+
+
+def test_timings_keep_a_killed_step_and_add_its_rerun(tmp_path):
+    """A step's running total is on disk while it runs, so a SIGKILL loses at most a second of it."""
+    path = tmp_path / "timings.json"
+    script = ("import sys, time; from pathlib import Path; from elo_cpt.pipeline import Timings\n"
+              "with Timings(Path(sys.argv[1]), every=0.1).step('align'):\n    time.sleep(300)\n")
+    process = subprocess.Popen([sys.executable, "-c", script, str(path)], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while process.poll() is None and time.time() < deadline and json.loads(path.read_text() if path.is_file() else "{}").get("align", 0) < 1:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed = json.loads(path.read_text())["align"]
+    assert killed >= 1
+    timings = pipeline.Timings(path)
+    start = time.perf_counter()
+    with timings.step("align"):
+        time.sleep(0.2)
+    own = time.perf_counter() - start
+    assert timings.seconds["align"] >= killed + own - 0.01 and json.loads(path.read_text()) == timings.seconds
 
 
 @pytest.mark.parametrize(

@@ -119,6 +119,21 @@ def test_report_pages_are_self_contained_and_escape_model_output(tmp_path):
     assert "baseline fft" not in html_path.read_text() and "forgetting:" not in html_path.read_text()
 
 
+def test_resumed_stages_are_shown_with_the_time_of_every_invocation():
+    metrics = make_metrics(baseline=False)
+    assert "resumes" not in report.summary(metrics).splitlines()[-1] and "resume" not in report.headline(metrics)[-1]["detail"]
+    metrics["stages"]["stage1"]["training"]["resumes"] = 2
+    metrics["stages"]["align"]["training"]["resumes"] = 0
+    metrics["this_invocation_seconds"] = 210.3
+    table = report.cost_table(metrics)
+    assert table["header"][-1] == "resumes"
+    assert {row["cells"][0]["text"]: row["cells"][-1]["text"] for row in table["rows"]} == {
+        "detach": "", "ELO stage 1": "2", "merge": "", "alignment": "0", "eval base": "", "eval merged": "", "eval final": "",
+        "total (this run)": ""}
+    assert report.summary(metrics).endswith("total 645 s over every invocation (resumed: ELO stage 1 2x; this invocation 210 s)")
+    assert report.headline(metrics)[-1]["detail"] == "175,872 tokens trained; 2 resumes, every invocation counted"
+
+
 def test_bad_run_folder_is_a_one_line_error(tmp_path):
     with pytest.raises(EloError, match="does not exist"):
         report.write_report(tmp_path / "missing")

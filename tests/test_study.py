@@ -63,6 +63,7 @@ def test_study_runs_every_method_and_resumes(tiny_model, corpora, tmp_path):
         assert set(cell["eval"]["final"]) == {"de", "en"}
         assert not (out / "cells" / cell["name"] / "model").exists()  # deleted once evaluated
     assert cells["base"]["tokens"] == 0 and cells["elo"]["peak_rss_bytes"] > 0
+    assert cells["elo"]["resumes"] == 0 and cells["elo"]["stages"]["stage1"]["resumes"] == 0
     # The results table has a row per cell and the plot exists.
     table = (out / "results.md").read_text()
     assert all(f"| {name} |" in table for name in cells) and "## alignment budget" in table
@@ -84,6 +85,19 @@ def test_study_runs_every_method_and_resumes(tiny_model, corpora, tmp_path):
     spec["run"]["stage1"]["lr"] = 1e-3
     spec["run"]["eval"]["sample_tokens"] = 8
     assert study.study(spec, out)["cells"] == results["cells"]
+
+
+def test_results_table_says_which_cells_were_resumed():
+    from elo_cpt import study_report
+
+    def cell(name, resumes=None):
+        return {"name": name, "method": "elo", "group": None, "tokens": 1600, "flops": 2e12, "train_seconds": 84.4,
+                "peak_rss_bytes": 2**30, "eval": {"final": {"de": 1.7, "en": 1.0}}, "note": "",
+                **({} if resumes is None else {"resumes": resumes})}
+
+    results = {"target_language": "de", "cells": [cell("old"), cell("straight", 0), cell("resumed", 2)]}
+    (_, table), = study_report.rows(results)
+    assert [row[4] for row in table] == ["84", "84", "84 (2 resumed)"]
 
 
 def test_emulator_layers_stay_frozen_and_norm_is_written_back(tiny_model, corpora, tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -38,19 +41,22 @@ def test_align_trains_every_parameter(tiny_model, tmp_path, corpora):
     assert unchanged == set()
 
 
-def test_interrupted_pretraining_resumes_to_the_same_weights(tiny_model, tmp_path, corpora, monkeypatch):
+def test_interrupted_pretraining_resumes_to_the_same_weights_and_counts_every_invocation(tiny_model, tmp_path, corpora, monkeypatch):
     surgery.detach(tiny_model, "0,-1", tmp_path / "shallow")
     cfg = TrainConfig(lr=1e-3, batch_size=2, save_steps=3)
     args = ([str(corpora["train_de"])],)
-    train.pretrain(tmp_path / "shallow", *args, tmp_path / "straight", cfg, seq_len=32)
+    straight_stats = train.pretrain(tmp_path / "shallow", *args, tmp_path / "straight", cfg, seq_len=32)
+    assert straight_stats.resumes == 0
 
     original_step = Trainer.training_step
     calls = []
+    pause = 0.3  # per step of the interrupted invocation: time that must count in the stage's seconds
 
     def crash_at_step_8(self, *a, **k):
         calls.append(1)
         if len(calls) == 8:
             raise RuntimeError("simulated crash")
+        time.sleep(pause)
         return original_step(self, *a, **k)
 
     monkeypatch.setattr(Trainer, "training_step", crash_at_step_8)
@@ -58,8 +64,28 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tiny_model, tmp_pat
         train.pretrain(tmp_path / "shallow", *args, tmp_path / "resumed", cfg, seq_len=32)
     assert not (tmp_path / "resumed").exists()
     assert (tmp_path / "resumed.partial" / "checkpoints" / "checkpoint-6").is_dir()
+    killed = json.loads((tmp_path / "resumed.partial" / train.CLOCK_FILE).read_text())
+    assert killed["invocations"] == 1 and killed["seconds"] >= 7 * pause
+
+    original_train = Trainer.train
+    rerun = []
+
+    def timed_train(self, *a, **k):
+        start = time.perf_counter()
+        try:
+            return original_train(self, *a, **k)
+        finally:
+            rerun.append(time.perf_counter() - start)
+
     monkeypatch.setattr(Trainer, "training_step", original_step)
-    train.pretrain(tmp_path / "shallow", *args, tmp_path / "resumed", cfg, seq_len=32)
+    monkeypatch.setattr(Trainer, "train", timed_train)
+    stats = train.pretrain(tmp_path / "shallow", *args, tmp_path / "resumed", cfg, seq_len=32)
     straight, resumed = tensors(tmp_path / "straight"), tensors(tmp_path / "resumed")
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
+    # The stage's seconds are those of both invocations: the rerun's own share plus the interrupted one's.
+    assert stats.resumes == 1 and stats.tokens == straight_stats.tokens
+    assert stats.seconds >= rerun[0] + killed["seconds"] - 0.01 and stats.seconds > rerun[0] + 7 * pause - 0.01
+    recorded = json.loads((tmp_path / "resumed" / train.STATS_FILE).read_text())
+    assert (recorded["seconds"], recorded["resumes"]) == (stats.seconds, 1)
+    assert not (tmp_path / "resumed" / train.CLOCK_FILE).exists()

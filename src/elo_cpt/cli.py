@@ -10,6 +10,31 @@ from pathlib import Path
 from elo_cpt.errors import EloError
 
 DEFAULT_OUT = "runs/default"
+#: Options whose value is a layer spec, which may start with a minus sign (`-2:`, `-1,3`).
+LAYER_SPEC_OPTIONS = ("--layers", "--frozen-layers")
+
+
+def join_layer_specs(argv: list[str]) -> list[str]:
+    """`--layers -2:` as `--layers=-2:`, and the same for every option of LAYER_SPEC_OPTIONS.
+
+    argparse reads an argument that starts with '-' and is not a plain negative number (`-2:`, `-1,3`) as an option,
+    so such a value is joined to its option in argparse's documented `--option=value` form (no private parser state).
+    """
+    joined: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return joined + argv[i:]
+        if joined and joined[-1] in LAYER_SPEC_OPTIONS and len(arg) > 1 and arg[0] == "-" and arg[1].isdigit():
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
+class _Parser(argparse.ArgumentParser):
+    def parse_known_args(self, args=None, namespace=None):
+        # The top-level parser joins; subcommand parsers (the same class) then receive joined arguments.
+        return super().parse_known_args(join_layer_specs(sys.argv[1:] if args is None else list(args)), namespace)
 
 
 def _add_training_options(parser: argparse.ArgumentParser, lr: float) -> None:
@@ -34,7 +59,7 @@ def _add_training_options(parser: argparse.ArgumentParser, lr: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elo", description="ELO continual pretraining: train a few layers of a shallow model, write them back, align.")
+    parser = _Parser(prog="elo", description="ELO continual pretraining: train a few layers of a shallow model, write them back, align.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="the whole pipeline (stage 1, write-back, alignment, evaluation)")
@@ -141,6 +166,11 @@ def _train_config(args: argparse.Namespace):
                        gradient_checkpointing=args.gradient_checkpointing, lora_rank=getattr(args, "lora_rank", 16))
 
 
+def _trained(stats, out: str) -> str:
+    resumed = f" over {stats.resumes + 1} invocations" if stats.resumes else ""
+    return f"trained {stats.tokens:,} tokens in {stats.seconds:.0f} s{resumed}; final loss {stats.final_loss}; saved {out}"
+
+
 def _eval(args: argparse.Namespace, api) -> None:
     """Bits/char and lm-eval tasks on one loaded model: the folder is read once for both."""
     from elo_cpt.evaluation import load_for_eval, parse_texts
@@ -189,15 +219,15 @@ def dispatch(args: argparse.Namespace) -> None:
         print(f"bridges fitted on {used:,} tokens; saved in {args.shallow}")
     elif args.command == "pretrain":
         stats = api.pretrain(args.shallow, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.train_norm)
-        print(f"trained {stats.tokens:,} tokens in {stats.seconds:.0f} s; final loss {stats.final_loss}; saved {args.out}")
+        print(_trained(stats, args.out))
     elif args.command == "merge":
         print(api.merge(args.base, args.shallow, args.out))
     elif args.command == "align":
         stats = api.align(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed)
-        print(f"trained {stats.tokens:,} tokens in {stats.seconds:.0f} s; final loss {stats.final_loss}; saved {args.out}")
+        print(_trained(stats, args.out))
     elif args.command == "finetune":
         stats = api.finetune(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.method, args.layers)
-        print(f"trained {stats.tokens:,} tokens in {stats.seconds:.0f} s; final loss {stats.final_loss}; saved {args.out}")
+        print(_trained(stats, args.out))
     elif args.command == "eval":
         _eval(args, api)
     elif args.command == "report":

@@ -7,7 +7,7 @@
     OUT/model/               the final, aligned model: a standard Hugging Face folder
     OUT/eval/                bits/char per language, generation samples and lm-eval scores of the base, merged and
                              final models (one JSON file each, so a resumed run skips what it has)
-    OUT/timings.json         wall-clock seconds per step
+    OUT/timings.json         wall-clock seconds per step, added up over the invocations that ran it
     OUT/metrics.json         all of the above in one file: bits/char per model, time and tokens per stage
     OUT/report.html, .md     the run report: gain, forgetting, cost, loss curves, samples, config (see report.py)
 
@@ -24,6 +24,7 @@ import json
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import replace
@@ -106,18 +107,41 @@ def write_mixtures(cfg: RunConfig, folder: Path, parts: tuple[str, ...] = ("stag
 
 
 class Timings:
-    """Wall-clock seconds per pipeline step, kept in the run folder so a resumed run still reports them."""
+    """Wall-clock seconds per pipeline step, kept in the run folder so a resumed run still reports them.
 
-    def __init__(self, path: Path):
-        self.path = path
+    A step's seconds add up over every invocation that ran it: while a step runs, its total so far is written every
+    `every` seconds (a background thread; a SIGKILL gives no chance to write at exit), so a rerun that repeats an
+    interrupted step adds its seconds to those the killed invocation spent on it.
+    """
+
+    def __init__(self, path: Path, every: float = 1.0):
+        self.path, self.every = path, every
         self.seconds: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+        self._lock = threading.Lock()
+
+    def _record(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[name] = round(seconds, 2)
+            checkpoint.write_json(self.path, self.seconds)
 
     @contextlib.contextmanager
     def step(self, name: str):
+        earlier = self.seconds.get(name, 0.0)  # an invocation that was interrupted in this step
         start = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - start, 2)
-        checkpoint.write_json(self.path, self.seconds)
+        done = threading.Event()
+
+        def heartbeat():
+            while not done.wait(self.every):
+                self._record(name, earlier + time.perf_counter() - start)
+
+        thread = threading.Thread(target=heartbeat, name=f"timings {name}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:  # also on an error or Ctrl-C: the rerun adds its seconds to these
+            done.set()
+            thread.join()
+            self._record(name, earlier + time.perf_counter() - start)
 
 
 def align_tokens(cfg: RunConfig) -> int:

@@ -81,10 +81,26 @@ def summary(metrics: dict) -> str:
             f"{training['tokens']:,}" if training else "",
             f"{training['tokens'] / training['seconds']:.0f}" if training.get("seconds") else "",
             f"{training['trainable_params']:,}" if training else "",
+            str(training["resumes"]) if "resumes" in training else "",
         ])
-    cost = _table(["step", "seconds", "tokens", "tokens/s", "trainable params"], stage_rows)
+    cost = _table(["step", "seconds", "tokens", "tokens/s", "trainable params", "resumes"], stage_rows)
     warnings = [f"\nwarning: {row['message']}" for row in forgetting(metrics) if row["flag"]]
-    return f"{quality}\n\n{cost}\n\ntotal {metrics['total_seconds']:.0f} s" + "".join(warnings)
+    return f"{quality}\n\n{cost}\n\n{total_line(metrics)}" + "".join(warnings)
+
+
+def resumes(metrics: dict) -> dict[str, int]:
+    """Per training stage that was interrupted and rerun, how many times it was resumed."""
+    return {name: t["resumes"] for name, _, t in training_records(metrics) if t.get("resumes")}
+
+
+def total_line(metrics: dict) -> str:
+    """The run's total time over every invocation, and which stages were resumed."""
+    resumed = resumes(metrics)
+    if not resumed:
+        return f"total {metrics['total_seconds']:.0f} s"
+    which = ", ".join(f"{name} {n}x" for name, n in resumed.items())
+    this = f"; this invocation {metrics['this_invocation_seconds']:.0f} s" if "this_invocation_seconds" in metrics else ""
+    return f"total {metrics['total_seconds']:.0f} s over every invocation (resumed: {which}{this})"
 
 
 def tolerance_pct(metrics: dict) -> float:
@@ -182,10 +198,13 @@ def headline(metrics: dict) -> list[dict]:
         })
     if "total_seconds" in metrics:
         trained = sum((stage.get("training") or {}).get("tokens", 0) for stage in metrics.get("stages", {}).values())
+        resumed = sum(resumes(metrics).values())
+        detail = [f"{trained:,} tokens trained"] if trained else []
+        detail += [f"{resumed} resume{'s' if resumed > 1 else ''}, every invocation counted"] if resumed else []
         items.append({
             "title": "total time",
             "value": _fmt_seconds(metrics["total_seconds"]),
-            "detail": f"{trained:,} tokens trained" if trained else "",
+            "detail": "; ".join(detail),
             "status": "neutral",
         })
     trained_stages = [(name, stage["training"]) for name, stage in metrics.get("stages", {}).items()
@@ -235,7 +254,7 @@ def forgetting_table(metrics: dict) -> dict:
 
 
 def cost_table(metrics: dict) -> dict:
-    header = ["step", "seconds", "tokens", "tokens/s", "trainable params", "final loss", "peak memory"]
+    header = ["step", "seconds", "tokens", "tokens/s", "trainable params", "final loss", "peak memory", "resumes"]
     rows = []
     for name, seconds, t in training_records(metrics):
         rate = t["tokens"] / t["seconds"] if t.get("tokens") and t.get("seconds") else None
@@ -245,9 +264,10 @@ def cost_table(metrics: dict) -> dict:
                                _cell(f"{t['tokens']:,}" if t.get("tokens") else ""), _cell(f"{rate:,.0f}" if rate else ""),
                                _cell(f"{t['trainable_params']:,}" if t.get("trainable_params") else ""),
                                _cell(f"{loss:.4f}" if isinstance(loss, (int, float)) else ""),
-                               _cell(f"{rss / 2**30:.2f} GiB" if rss else "")], "flag": False})
+                               _cell(f"{rss / 2**30:.2f} GiB" if rss else ""),
+                               _cell(str(t["resumes"]) if "resumes" in t else "")], "flag": False})
     if "total_seconds" in metrics:
-        rows.append({"cells": [_cell("total (this run)", "strong"), _cell(f"{metrics['total_seconds']:.1f}", "strong")] + [_cell("")] * 5,
+        rows.append({"cells": [_cell("total (this run)", "strong"), _cell(f"{metrics['total_seconds']:.1f}", "strong")] + [_cell("")] * 6,
                      "flag": False})
     return {"header": header, "rows": rows}
 

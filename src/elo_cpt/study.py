@@ -27,7 +27,7 @@ same share it (`stage1/KEY/`), so an alignment-budget sweep trains stage 1 once.
     DIR/study.yaml                 the study as given
     DIR/stage1/KEY/                a shared stage 1: its data, the trained shallow model, the merged model
     DIR/cells/NAME/cell.json       the cell, its resolved config and budget (a rerun that changes them is refused)
-    DIR/cells/NAME/result.json     tokens, FLOPs, seconds, peak memory and bits/char of the cell
+    DIR/cells/NAME/result.json     tokens, FLOPs, seconds (of every invocation), resumes, peak memory and bits/char of the cell
     DIR/results.json, .md, .png    the results table and plot
 """
 
@@ -386,6 +386,7 @@ def run_cell(out: str | Path, name: str) -> dict:
         "tokens": sum(s["tokens"] for s in stages.values()),
         "flops": planned["flops"],
         "train_seconds": round(sum(s["seconds"] for s in stages.values()), 1),
+        "resumes": sum(s.get("resumes", 0) for s in stages.values()),  # its train seconds count every invocation
         "peak_rss_bytes": max((s["peak_rss_bytes"] for s in stages.values()), default=None),
         "stages": {k: {key: v for key, v in s.items() if key != "losses"} for k, s in stages.items()},
         "eval": {model: {lang: r["bits_per_char"] for lang, r in langs.items()} for model, langs in evaluated.items()},

@@ -65,7 +65,8 @@ def rows(results: dict) -> list[tuple[str, list[list[str]]]]:
         relative = f" ({flops / reference_flops:.2f}x)" if reference_flops and flops else ""
         group.append([
             cell["name"], method, f"{cell['tokens']:,}", f"{flops / 1e12:.1f}{relative}" if flops else "0",
-            f"{cell['train_seconds']:.0f}", f"{cell['peak_rss_bytes'] / 2**30:.2f}" if cell.get("peak_rss_bytes") else "-",
+            f"{cell['train_seconds']:.0f}" + (f" ({cell['resumes']} resumed)" if cell.get("resumes") else ""),
+            f"{cell['peak_rss_bytes'] / 2**30:.2f}" if cell.get("peak_rss_bytes") else "-",
             _bpc(final.get(target), base.get(target)), _bpc(final.get("en"), base.get("en")),
             _bpc(merged.get(target), base.get(target)) if merged else "", cell.get("note", ""),
         ])
@@ -81,7 +82,8 @@ def markdown(results: dict) -> str:
              f"Machine: {m['cpu_count']} CPUs, {m['platform']}, torch {m['torch']}{', ' + m['gpu'] if 'gpu' in m else ''}; "
              f"written {m['date_utc']} UTC.", "",
              "Bits per character on held-out text (lower is better). FLOPs are the cost model's (docs/benchmarks.md); "
-             "train s is measured wall-clock training time, peak RSS the cell's process peak.", ""]
+             "train s is measured wall-clock training time (of every invocation, where a cell was resumed), peak RSS the "
+             "cell's process peak.", ""]
     for group, table in rows(results):
         lines += [f"## {group or 'Main comparison'}", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]

@@ -35,6 +35,7 @@ from elo_cpt import checkpoint, data, surgery
 from elo_cpt import precision as precision_mod
 from elo_cpt.config import AUTO, TrainConfig, bridge_token_count, validate_train
 from elo_cpt.errors import EloError
+from elo_cpt.stageclock import CLOCK_FILE, StageClock
 
 STATS_FILE = "training_stats.json"
 METHODS = ("fft", "freeze", "lora")
@@ -46,7 +47,8 @@ class StageStats:
 
     steps: int
     tokens: int
-    seconds: float
+    seconds: float  # wall-clock training seconds of every invocation that trained the stage, lost work included
+    resumes: int  # invocations after the first (reruns after an interruption)
     trainable_params: int
     final_loss: float | None
     peak_rss_bytes: int
@@ -278,7 +280,8 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
     args = training_arguments(cfg, work_dir, steps, seed, precision)
     seq_len = dataset.seq_len
     tokens_per_step = cfg.batch_size * cfg.grad_accum * max(1, args.world_size) * seq_len
-    callbacks = [TokensPerSecond(tokens_per_step)]
+    clock = StageClock(work_dir / CLOCK_FILE, write=args.process_index == 0)
+    callbacks = [TokensPerSecond(tokens_per_step), clock]
     if args.process_index == 0:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
@@ -287,11 +290,15 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
     trainer = EloTrainer(model=model, args=args, train_dataset=dataset, loss_chunk=cfg.loss_chunk, callbacks=callbacks,
                          optimizer_cls_and_kwargs=precision_mod.optimizer(cfg)[1])
     resume = last_complete_checkpoint(Path(args.output_dir))
-    if resume:
-        print(f"resuming from {resume}", file=sys.stderr)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - start
+    if resume or clock.invocations > 1:
+        print(f"resuming from {resume or 'the start (no complete checkpoint)'}: run {clock.invocations} of this stage, "
+              f"{clock.earlier_seconds:.1f} s trained before", file=sys.stderr)
+    clock.begin()
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:  # an exception or Ctrl-C: its seconds still count when the stage is rerun
+        clock.save()
+    seconds = clock.seconds
     losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
     if args.process_index == 0:
         save_loss_plot(losses, work_dir / "loss.png")
@@ -299,6 +306,7 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
         steps=trainer.state.global_step,
         tokens=min(trainer.state.global_step * tokens_per_step, len(dataset) * seq_len),
         seconds=round(seconds, 2),
+        resumes=clock.invocations - 1,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         final_loss=losses[-1][1] if losses else None,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -363,6 +371,7 @@ def _run_stage(
         if not main:
             return stats
         shutil.rmtree(staging / "checkpoints", ignore_errors=True)
+        (staging / CLOCK_FILE).unlink(missing_ok=True)  # its totals are in the stats
         if not sharded:
             save(model.to(stored_dtype), staging)
         checkpoint.copy_side_files(model_dir, staging, skip=("config.json", "generation_config.json"))
