@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from elo_cpt import costmodel, study_report
+from elo_cpt import costmodel, hub, study_report
 from elo_cpt import precision as precision_mod
 from elo_cpt.config import PRECISIONS, TrainConfig
 from elo_cpt.errors import EloError
@@ -198,6 +198,10 @@ def bench(model: str, methods: list[str] | str = "elo,freeze,lora,fft,align", ba
     from elo_cpt import surgery
 
     methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    if not Path(model).is_dir() and hub.is_hub_id(str(model)):
+        from elo_cpt import checkpoint
+
+        model = str(checkpoint.require_model_dir(model))  # a hub id: its cache folder, fetched once for every method
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise EloError(f"unknown method {unknown[0]!r}; use some of {', '.join(METHODS)}")

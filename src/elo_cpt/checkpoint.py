@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from elo_cpt import hub
 from elo_cpt.errors import EloError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -45,11 +46,19 @@ _MAX_HEADER = 100_000_000
 _COPY_CHUNK = 16 << 20
 
 
-def require_model_dir(path: str | Path) -> Path:
-    """The model folder `path`, checked to hold a config and safetensors weights."""
+def require_model_dir(path: str | Path, weights: bool = True) -> Path:
+    """The model folder `path`, checked to hold a config and safetensors weights. A hub id (`org/name[@revision]`)
+    gives its Hugging Face cache folder, fetched if needed: with every weight shard when `weights`, else with none
+    (shards then come one at a time as they are read)."""
+    if not Path(path).is_dir() and hub.is_hub_id(str(path)):
+        path = hub.snapshot(str(path), weights)
     path = Path(path)
     if not path.is_dir():
-        raise EloError(f"model folder {path} does not exist; pass a Hugging Face model folder (config.json + *.safetensors)")
+        raise EloError(f"model folder {path} does not exist; pass a Hugging Face model folder (config.json + *.safetensors) "
+                       "or a hub id (org/name)")
+    if weights and hub.origin(path):  # a cache folder fetched without its shards, e.g. by `detach`
+        for shard in safetensors_files(path):
+            hub.fetch(shard)
     if not (path / "config.json").is_file():
         raise EloError(f"{path} has no config.json; pass a Hugging Face model folder saved with save_pretrained")
     if not safetensors_files(path):
@@ -73,13 +82,18 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def _open_shard(shard: Path):
+    hub.fetch(shard)  # a shard of a hub model is downloaded when first read
     # pread, not mmap: a tensor read is the model's own memory, not a view of the base files' pages, which would
     # stay mapped as long as the model lives and fault (SIGBUS) if a file were replaced or truncated meanwhile.
     return safe_open(shard, framework="pt", backend="pread")
 
 
 def tensor_locations(model_dir: Path) -> dict[str, Path]:
-    """Map every tensor name of a model folder to the shard that holds it."""
+    """Map every tensor name of a model folder to the shard that holds it (from the index of a sharded folder, so
+    no shard is opened or fetched)."""
+    index = model_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        return {name: model_dir / shard for name, shard in json.loads(index.read_text())["weight_map"].items()}
     locations: dict[str, Path] = {}
     for shard in safetensors_files(model_dir):
         with _open_shard(shard) as f:
@@ -279,4 +293,4 @@ def stored_dtype(model_dir: Path) -> torch.dtype:
 
 
 def load_tokenizer(path: str | Path):
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(require_model_dir(path, weights=False), trust_remote_code=False)

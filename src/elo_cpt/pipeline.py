@@ -192,8 +192,8 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
         log(f"resuming the run in {out}")
     elif out.exists() and any(out.iterdir()):
         raise EloError(f"{out} exists and is not an elo run folder; choose another --out")
-    checkpoint.require_model_dir(cfg.model)
-    n_layers = surgery.num_layers(AutoConfig.from_pretrained(cfg.model))
+    # a hub id is fetched here, once, with every shard: the write-back copies the whole base model
+    n_layers = surgery.num_layers(AutoConfig.from_pretrained(checkpoint.require_model_dir(cfg.model)))
     surgery.resolve_layers(cfg.layers, n_layers)
     if cfg.stage1.frozen_layers:
         surgery.resolve_layers(cfg.stage1.frozen_layers, n_layers)

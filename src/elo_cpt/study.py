@@ -165,7 +165,7 @@ def cell_config(study: Study, cell: Cell) -> RunConfig:
 def _shape(cfg: RunConfig) -> costmodel.Shape:
     from transformers import AutoConfig
 
-    return costmodel.Shape.from_config(AutoConfig.from_pretrained(cfg.model))
+    return costmodel.Shape.from_config(AutoConfig.from_pretrained(checkpoint.require_model_dir(cfg.model, weights=False)))
 
 
 def elo_plan(cfg: RunConfig) -> dict:
@@ -351,7 +351,7 @@ def run_cell(out: str | Path, name: str) -> dict:
     evaluated: dict[str, dict] = {}
     start = time.perf_counter()
     if cell.method == "base":
-        evaluated["final"] = _evaluate(cfg, Path(cfg.model), out / "eval-base")
+        evaluated["final"] = _evaluate(cfg, checkpoint.require_model_dir(cfg.model), out / "eval-base")
     elif cell.method == "elo":
         shared, stages["stage1"] = _shared_stage1(cfg, out)
         evaluated["merged"] = _evaluate(cfg, shared / "merged", shared / "eval-merged")

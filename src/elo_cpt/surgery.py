@@ -152,7 +152,7 @@ def build_shallow(base_dir: str | Path, layers_spec: str, frozen_spec: str = "")
     "emulator" of the removed middle, after Offsite-Tuning). Nothing is randomly initialised and no tensor of a
     dropped layer is read: peak memory is about the shallow model itself.
     """
-    base_dir = checkpoint.require_model_dir(base_dir)
+    base_dir = checkpoint.require_model_dir(base_dir, weights=False)  # only the shards holding kept tensors are read
     config = AutoConfig.from_pretrained(base_dir)
     n = num_layers(config)
     trained = resolve_layers(layers_spec, n)
@@ -256,7 +256,7 @@ def detach(base_dir: str | Path, layers_spec: str, out: str | Path, overwrite: b
     Face folder at `out`."""
     model, provenance = build_shallow(base_dir, layers_spec, frozen_layers)
     with checkpoint.atomic_output(out, overwrite=overwrite) as staging:
-        save_shallow(model, provenance, Path(base_dir), staging)
+        save_shallow(model, provenance, Path(provenance["base_model"]), staging)  # the folder a hub id resolved to
     return Path(out)
 
 
