@@ -51,3 +51,25 @@ def test_every_setting_is_documented():
     rows = config.describe()
     assert {"stage1.lr", "align.token_ratio", "data.english_share", "layers"} <= {key for key, _, _ in rows}
     assert all(doc for _, _, doc in rows)
+
+
+def test_the_example_configs_load():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        cfg = config.load_config(path)
+        assert cfg.stage1.precision == cfg.align.precision == "bf16-mixed"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("stage1.precision=fp8", "stage1.precision must be one of auto, 32-true, bf16-mixed, bf16-true"),
+    ("align.precision=bf16-true", "align.precision bf16-true needs optimizer adamw_kahan"),
+    ("stage1.optimizer=sgd", "stage1.optimizer must be one of"),
+    ("stage1.tokens=0", "stage1.tokens must be >= 1"),
+])
+def test_bad_precision_and_optimizer(override, message):
+    with pytest.raises(EloError, match=message):
+        config.load_config(None, [override])
+    assert config.load_config(None, ["align.tokens=0"]).align.tokens == 0  # no alignment is allowed

@@ -12,7 +12,7 @@ import elo_cpt
 PACKAGE = Path(elo_cpt.__file__).parent
 LEVELS = {
     0: {"errors", "config", "checkpoint", "costmodel", "assets", "textformats", "report", "report_figures",
-        "study_report", "samples", "precision", "hub"},
+        "study_report", "samples", "precision", "hub", "distributed"},
     1: {"corpus", "tokencache", "data", "surgery", "stageclock"},
     2: {"train", "evaluation", "lmeval"},
     3: {"pipeline", "study", "bench"},

@@ -33,13 +33,15 @@ from pathlib import Path
 import yaml
 from transformers import AutoConfig
 
-from elo_cpt import assets, checkpoint, config as config_mod, corpus, data, evaluation, lmeval, report, samples, surgery, train
+from elo_cpt import (assets, checkpoint, config as config_mod, corpus, data, distributed, evaluation, lmeval, report, samples,
+                     surgery, train)
 from elo_cpt.config import RunConfig
 from elo_cpt.errors import EloError
 
 
 def log(message: str) -> None:
-    print(f"[elo] {message}", file=sys.stderr, flush=True)
+    if distributed.is_main():  # one process speaks for a run launched on several
+        print(f"[elo] {message}", file=sys.stderr, flush=True)
 
 
 def resolve_defaults(cfg: RunConfig) -> RunConfig:
@@ -114,8 +116,8 @@ class Timings:
     interrupted step adds its seconds to those the killed invocation spent on it.
     """
 
-    def __init__(self, path: Path, every: float = 1.0):
-        self.path, self.every = path, every
+    def __init__(self, path: Path, every: float = 1.0, write: bool = True):
+        self.path, self.every, self.write = path, every, write  # write: False on all but the main process
         self.seconds: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
         self._lock = threading.Lock()
 
@@ -126,6 +128,9 @@ class Timings:
 
     @contextlib.contextmanager
     def step(self, name: str):
+        if not self.write:
+            yield
+            return
         earlier = self.seconds.get(name, 0.0)  # an invocation that was interrupted in this step
         start = time.perf_counter()
         done = threading.Event()
@@ -172,12 +177,48 @@ def same_config(recorded: dict, resolved: dict) -> bool:
 
 
 def run(cfg: RunConfig, out: str | Path) -> dict:
-    """Run the pipeline into `out` and return the metrics (also written to `out/metrics.json`)."""
+    """Run the pipeline into `out` and return the metrics (also written to `out/metrics.json`).
+
+    Under torchrun or accelerate launch every process trains; the main one alone prepares the data, detaches, fits
+    the bridges, merges, evaluates and writes the report, while the others wait (`distributed`).
+    """
     started = time.perf_counter()
-    cfg = resolve_defaults(cfg)
+    cfg = distributed.main_only(resolve_defaults, cfg)  # the embedded assets are prepared by one process
     out = Path(out)
-    metrics_path = out / "metrics.json"
     resolved = config_mod.to_dict(cfg)
+    checked: dict = {}  # what the main process's checks found, for its evaluation at the end
+    finished = distributed.main_only(prepare_run, cfg, out, resolved, checked)
+    if finished is not None:
+        return finished
+    data_dir = out / "data"
+    data_summary = json.loads((data_dir / "summary.json").read_text())
+    timings = Timings(out / "timings.json", write=distributed.is_main())
+
+    shallow, stage1, merged = (out / "stages" / n for n in ("shallow", "stage1", "merged"))
+    if not stage1.is_dir():
+        distributed.main_only(detach_step, cfg, data_dir / "stage1.jsonl", shallow, timings)
+        log(f"[3/6] ELO stage 1: training layers {cfg.layers} of the shallow model on {cfg.stage1.tokens:,} tokens")
+        with timings.step("stage1"):
+            train.pretrain(shallow, [str(data_dir / "stage1.jsonl")], stage1, cfg.stage1, cfg.seq_len, cfg.seed,
+                           train_norm=cfg.stage1.train_norm)
+    distributed.main_only(merge_step, cfg, shallow, stage1, merged, timings)
+    model_dir = out / "model"
+    if not model_dir.is_dir():
+        with timings.step("align"):
+            if "align" in data_summary:
+                log(f"[5/6] alignment ({cfg.align.method}) on {data_summary['align']['tokens']:,} tokens")
+                align_cfg = replace(cfg.align, tokens=data_summary["align"]["tokens"])
+                train.finetune(merged, [str(data_dir / "align.jsonl")], model_dir, align_cfg, cfg.seq_len, cfg.seed,
+                               method=cfg.align.method, layers=cfg.layers)
+            else:
+                distributed.main_only(copy_merged, merged, model_dir)
+    return distributed.main_only(finish_run, cfg, out, resolved, data_summary, timings, checked.get("tasks"), started)
+
+
+def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dict | None:
+    """Check everything a run needs and build its mixtures into `out/data` (once); the metrics of a run that is
+    already complete, else None."""
+    metrics_path = out / "metrics.json"
     config_path = out / "config.yaml"
     if config_path.is_file():
         if not same_config(yaml.safe_load(config_path.read_text()), resolved):
@@ -199,7 +240,7 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
         surgery.resolve_layers(cfg.stage1.frozen_layers, n_layers)
     for path in cfg.data.eval.values():
         evaluation.read_eval_text(path)
-    task_manager = check_eval_settings(cfg)
+    checked["tasks"] = check_eval_settings(cfg)
     data_dir = out / "data"
     if not (data_dir / "summary.json").is_file():
         log("[1/6] preparing the stage-1 and alignment mixtures")
@@ -224,38 +265,35 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     config_path.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
-    data_summary = json.loads((data_dir / "summary.json").read_text())
-    timings = Timings(out / "timings.json")
+    return None
 
-    shallow, stage1, merged = (out / "stages" / n for n in ("shallow", "stage1", "merged"))
-    if not stage1.is_dir():
-        if not shallow.is_dir() or (cfg.stage1.bridge_tokens and not (shallow / surgery.BRIDGE_FILE).is_file()):
-            log(f"[2/6] detaching layers {cfg.layers} into a shallow model")
-            with timings.step("detach"):
-                make_shallow(cfg, data_dir / "stage1.jsonl", shallow)
-        log(f"[3/6] ELO stage 1: training layers {cfg.layers} of the shallow model on {cfg.stage1.tokens:,} tokens")
-        with timings.step("stage1"):
-            train.pretrain(shallow, [str(data_dir / "stage1.jsonl")], stage1, cfg.stage1, cfg.seq_len, cfg.seed,
-                           train_norm=cfg.stage1.train_norm)
+
+def detach_step(cfg: RunConfig, stage1_data: Path, shallow: Path, timings: Timings) -> None:
+    if not shallow.is_dir() or (cfg.stage1.bridge_tokens and not (shallow / surgery.BRIDGE_FILE).is_file()):
+        log(f"[2/6] detaching layers {cfg.layers} into a shallow model")
+        with timings.step("detach"):
+            make_shallow(cfg, stage1_data, shallow)
+
+
+def merge_step(cfg: RunConfig, shallow: Path, stage1: Path, merged: Path, timings: Timings) -> None:
     shutil.rmtree(shallow, ignore_errors=True)
     if not merged.is_dir():
         log("[4/6] writing the trained layers back into the base model")
         with timings.step("merge"):
             surgery.merge(cfg.model, stage1, merged)
-    model_dir = out / "model"
-    if not model_dir.is_dir():
-        with timings.step("align"):
-            if "align" in data_summary:
-                log(f"[5/6] alignment ({cfg.align.method}) on {data_summary['align']['tokens']:,} tokens")
-                align_cfg = replace(cfg.align, tokens=data_summary["align"]["tokens"])
-                train.finetune(merged, [str(data_dir / "align.jsonl")], model_dir, align_cfg, cfg.seq_len, cfg.seed,
-                               method=cfg.align.method, layers=cfg.layers)
-            else:
-                log("[5/6] alignment budget is 0: the final model is the merged one")
-                with checkpoint.atomic_output(model_dir) as staging:
-                    shutil.copytree(merged, staging, dirs_exist_ok=True)
 
+
+def copy_merged(merged: Path, model_dir: Path) -> None:
+    log("[5/6] alignment budget is 0: the final model is the merged one")
+    with checkpoint.atomic_output(model_dir) as staging:
+        shutil.copytree(merged, staging, dirs_exist_ok=True)
+
+
+def finish_run(cfg: RunConfig, out: Path, resolved: dict, data_summary: dict, timings: Timings,
+               task_manager: lmeval.TaskManager | None, started: float) -> dict:
+    """Evaluate the base, merged and final models, then write metrics.json and the report."""
     log("[6/6] evaluating: bits/char on held-out text, generation samples" + (", lm-eval tasks" if cfg.eval.tasks else ""))
+    stage1, merged, model_dir = out / "stages" / "stage1", out / "stages" / "merged", out / "model"
     results, samples_out, benchmarks = {}, {}, {}
     for name, path in (("base", cfg.model), ("merged", merged), ("final", model_dir)):
         results[name], samples_out[name], scored = evaluate_model(cfg, name, path, out / "eval", timings, task_manager)
@@ -276,7 +314,7 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
         "this_invocation_seconds": round(time.perf_counter() - started, 1),
     }
     metrics["forgetting"] = report.forgetting(metrics)
-    checkpoint.write_json(metrics_path, metrics)
+    checkpoint.write_json(out / "metrics.json", metrics)
     print(report.summary(metrics))
     print_report(out)
     return metrics

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import resource
 import shutil
 import sys
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
-from elo_cpt import checkpoint, data, surgery
+from elo_cpt import checkpoint, data, distributed, surgery
 from elo_cpt import precision as precision_mod
 from elo_cpt.config import AUTO, TrainConfig, bridge_token_count, validate_train
 from elo_cpt.errors import EloError
@@ -274,7 +273,7 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
     """Train `model` in place on `dataset` for one pass; checkpoints go to `work_dir/checkpoints`."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     dataset = dataset.shuffled(order)  # a permutation of indices: the (memory-mapped) rows are not copied
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    world = distributed.world_size()
     steps = math.ceil(len(dataset) / (cfg.batch_size * cfg.grad_accum * world))
     precision = precision_mod.resolve(cfg.precision)
     args = training_arguments(cfg, work_dir, steps, seed, precision)
@@ -323,7 +322,7 @@ def stage_output(out: str | Path) -> Iterator[tuple[Path, bool]]:
 
     Under torchrun every process trains, but only the main one saves and renames the output.
     """
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = distributed.is_main()
     if main:
         with checkpoint.atomic_output(out, keep_partial=True) as staging:
             yield staging, True
@@ -355,8 +354,9 @@ def _run_stage(
     weights_dtype = torch.bfloat16 if precision_mod.resolve(cfg.precision) == "bf16-true" else torch.float32
     stored_dtype = checkpoint.stored_dtype(model_dir)
     tokenizer = checkpoint.load_tokenizer(model_dir)
-    dataset = data.load_training_data(sources, tokenizer, seq_len, cfg.tokens)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    with distributed.main_first():  # one process tokenizes into the cache, the others read it
+        dataset = data.load_training_data(sources, tokenizer, seq_len, cfg.tokens)
+    world = distributed.world_size()
     if len(dataset) < cfg.batch_size * cfg.grad_accum * world:
         raise EloError(f"{len(dataset)} sequences of {seq_len} tokens cannot fill one optimizer step of {cfg.batch_size} "
                        f"sequences x {cfg.grad_accum} accumulation steps x {world} processes; raise the token budget or "
