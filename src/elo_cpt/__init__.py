@@ -13,7 +13,7 @@ The Python API mirrors the `elo` command one to one:
     elo report    -> write_report(run_dir)
     elo assets    -> prepare_assets() / prepare_language(language)
     elo bench     -> bench(model_or_shape, methods, ...)
-    elo study     -> study(study_file_or_name, out, cells=None)
+    elo study     -> study(study_file_or_name, out, cells=None, launch=None)
 """
 
 from importlib import import_module

@@ -46,13 +46,18 @@ _MAX_HEADER = 100_000_000
 _COPY_CHUNK = 16 << 20
 
 
+def local_path(path: str | Path, weights: bool = True) -> Path:
+    """`path`, or the Hugging Face cache folder of a hub id (see `require_model_dir`)."""
+    if not Path(path).is_dir() and hub.is_hub_id(str(path)):
+        return hub.snapshot(str(path), weights)
+    return Path(path)
+
+
 def require_model_dir(path: str | Path, weights: bool = True) -> Path:
     """The model folder `path`, checked to hold a config and safetensors weights. A hub id (`org/name[@revision]`)
     gives its Hugging Face cache folder, fetched if needed: with every weight shard when `weights`, else with none
     (shards then come one at a time as they are read)."""
-    if not Path(path).is_dir() and hub.is_hub_id(str(path)):
-        path = hub.snapshot(str(path), weights)
-    path = Path(path)
+    path = local_path(path, weights)
     if not path.is_dir():
         raise EloError(f"model folder {path} does not exist; pass a Hugging Face model folder (config.json + *.safetensors) "
                        "or a hub id (org/name)")
@@ -293,4 +298,4 @@ def stored_dtype(model_dir: Path) -> torch.dtype:
 
 
 def load_tokenizer(path: str | Path):
-    return AutoTokenizer.from_pretrained(require_model_dir(path, weights=False), trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(local_path(path, weights=False), trust_remote_code=False)

@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--out", help="study folder (results.md, results.json, results.png); required unless --list")
     study.add_argument("--cells", help="run only these cells, comma-separated (default: all, in file order)")
     study.add_argument("--list", action="store_true", help="list the cells with their planned tokens and FLOPs, then exit")
+    study.add_argument("--launch", metavar="LAUNCHER", help="start each cell with this launcher, e.g. "
+                       "'torchrun --nproc_per_node 8' (every process trains; one prepares, evaluates and writes)")
     return parser
 
 
@@ -251,7 +253,7 @@ def dispatch(args: argparse.Namespace) -> None:
             return
         if not args.out:
             raise EloError("elo study needs --out DIR, the study folder (rerun with the same folder to resume)")
-        api.study(args.study, args.out, args.cells)
+        api.study(args.study, args.out, args.cells, args.launch)
         print(f"{Path(args.out) / 'results.md'}")
     elif args.command == "assets":
         names = ("root", "model", "train_target", "train_english", "eval_target", "eval_english", "manifest")

@@ -37,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,7 @@ from pathlib import Path
 
 import yaml
 
-from elo_cpt import checkpoint, config as config_mod, costmodel, evaluation, pipeline, surgery, train
+from elo_cpt import checkpoint, config as config_mod, costmodel, distributed, evaluation, pipeline, surgery, train
 from elo_cpt.config import RunConfig
 from elo_cpt.errors import EloError
 
@@ -207,8 +208,14 @@ def plan(study: Study, cell: Cell) -> dict:
 # ------------------------------------------------------------------ running
 
 
-def study(spec: str | Path | dict, out: str | Path, cells: list[str] | str | None = None) -> dict:
-    """Run the study `spec` (a YAML file or built-in name) into `out`, skipping finished cells; return the results."""
+def study(spec: str | Path | dict, out: str | Path, cells: list[str] | str | None = None, launch: str | None = None) -> dict:
+    """Run the study `spec` (a YAML file or built-in name) into `out`, skipping finished cells; return the results.
+
+    Each cell runs in a process of its own, started by `launch` when given (e.g. `torchrun --nproc_per_node 8`:
+    the cell then trains on every process, and its main process alone writes)."""
+    if distributed.world_size() > 1:
+        raise EloError("elo study starts one process per cell itself; run it in one process and give "
+                       "--launch 'torchrun --nproc_per_node N' to train each cell on N")
     parsed = load_study(spec)
     out = Path(out)
     wanted = [c.strip() for c in cells.split(",")] if isinstance(cells, str) else cells
@@ -238,7 +245,8 @@ def study(spec: str | Path | dict, out: str | Path, cells: list[str] | str | Non
         folder.mkdir(parents=True, exist_ok=True)
         checkpoint.write_json(folder / "cell.json", _record(parsed, cell, p))
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run([sys.executable, "-m", "elo_cpt.study", str(out), cell.name], env=env)
+        launcher = shlex.split(launch) if launch else [sys.executable]
+        proc = subprocess.run([*launcher, "-m", "elo_cpt.study", str(out), cell.name], env=env)
         if proc.returncode != 0 or not (folder / RESULT).is_file():
             log(f"cell {cell.name} failed (exit {proc.returncode}); rerun the same command to retry it")
             failed.append(cell.name)
@@ -313,22 +321,36 @@ def _shared_stage1(cfg: RunConfig, root: Path) -> tuple[Path, dict]:
     settings = {"model": cfg.model, "layers": cfg.layers, "stage1": dataclasses.asdict(cfg.stage1), "seq_len": cfg.seq_len,
                 "seed": cfg.seed, "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "eval"}}
     folder = root / "stage1" / _key(settings)
-    merged, stage1 = folder / "merged", folder / "stage1"
+    merged, stage1, shallow = folder / "merged", folder / "stage1", folder / "shallow"
     if not merged.is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json(folder / "settings.json", settings)
-        stage1_data = _mixtures(replace(cfg, align=replace(cfg.align, tokens=0)), folder / "data", ("stage1",))["stage1"]
-        if not stage1.is_dir():
-            shallow = folder / "shallow"
-            pipeline.make_shallow(cfg, stage1_data, shallow)
+        stage1_data = distributed.main_only(_prepare_stage1, cfg, folder, settings)
+        if not stage1.is_dir():  # every process trains; the main one alone writes
             train.pretrain(shallow, [str(stage1_data)], stage1, cfg.stage1, cfg.seq_len, cfg.seed, train_norm=cfg.stage1.train_norm)
-            shutil.rmtree(shallow, ignore_errors=True)
-        surgery.merge(cfg.model, stage1, merged)
+        distributed.main_only(_merge_stage1, cfg, shallow, stage1, merged)
     return folder, json.loads((stage1 / train.STATS_FILE).read_text())
 
 
+def _prepare_stage1(cfg: RunConfig, folder: Path, settings: dict) -> Path:
+    """The shared stage 1's mixture and shallow model (main process); the mixture's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_json(folder / "settings.json", settings)
+    stage1_data = _mixtures(replace(cfg, align=replace(cfg.align, tokens=0)), folder / "data", ("stage1",))["stage1"]
+    if not (folder / "stage1").is_dir():
+        pipeline.make_shallow(cfg, stage1_data, folder / "shallow")
+    return stage1_data
+
+
+def _merge_stage1(cfg: RunConfig, shallow: Path, stage1: Path, merged: Path) -> None:
+    shutil.rmtree(shallow, ignore_errors=True)
+    surgery.merge(cfg.model, stage1, merged)
+
+
 def _evaluate(cfg: RunConfig, model_dir: Path, cache: Path) -> dict:
-    """Bits/char per language of a model folder, cached in `cache` under the evaluation settings."""
+    """Bits/char per language of a model folder, cached in `cache` under the evaluation settings (main process)."""
+    return distributed.main_only(_evaluate_once, cfg, model_dir, cache)
+
+
+def _evaluate_once(cfg: RunConfig, model_dir: Path, cache: Path) -> dict:
     settings = {"eval": cfg.data.eval, "max_chars": cfg.eval.max_chars, "seq_len": cfg.seq_len}
     path = cache.with_name(f"{cache.name}-{_key(settings)}.json")
     if not path.is_file():
@@ -345,7 +367,7 @@ def run_cell(out: str | Path, name: str) -> dict:
     cell = parsed.cell(name)
     folder = out / "cells" / name
     planned = json.loads((folder / "cell.json").read_text())["plan"]
-    cfg = pipeline.resolve_defaults(cell_config(parsed, cell))
+    cfg = distributed.main_only(pipeline.resolve_defaults, cell_config(parsed, cell))
     model_dir = folder / "model"
     stages: dict[str, dict] = {}
     evaluated: dict[str, dict] = {}
@@ -356,7 +378,7 @@ def run_cell(out: str | Path, name: str) -> dict:
         shared, stages["stage1"] = _shared_stage1(cfg, out)
         evaluated["merged"] = _evaluate(cfg, shared / "merged", shared / "eval-merged")
         if planned["align_tokens"]:
-            align_data = _align_mixture(cfg, folder / "data")
+            align_data = distributed.main_only(_align_mixture, cfg, folder / "data")
             align_cfg = replace(cfg.align, tokens=planned["align_tokens"])
             stats = train.finetune(shared / "merged", [str(align_data)], model_dir, align_cfg, cfg.seq_len, cfg.seed,
                                    method=cfg.align.method, layers=cfg.layers)
@@ -366,12 +388,12 @@ def run_cell(out: str | Path, name: str) -> dict:
             evaluated["final"] = evaluated["merged"]
     else:
         if cell.method == "control":
-            ref_cfg = pipeline.resolve_defaults(cell_config(parsed, parsed.cell(cell.reference)))
-            corpus = _align_mixture(ref_cfg, folder / "data")
+            ref_cfg = distributed.main_only(pipeline.resolve_defaults, cell_config(parsed, parsed.cell(cell.reference)))
+            corpus = distributed.main_only(_align_mixture, ref_cfg, folder / "data")
             method, train_cfg = "fft", replace(ref_cfg.align, tokens=planned["tokens"])
         else:
             budget = replace(cfg, stage1=replace(cfg.stage1, tokens=planned["tokens"]), align=replace(cfg.align, tokens=0))
-            corpus = _mixtures(budget, folder / "data", ("stage1",))["stage1"]
+            corpus = distributed.main_only(_mixtures, budget, folder / "data", ("stage1",))["stage1"]
             method, train_cfg = cell.method, replace(cfg.align, tokens=planned["tokens"])
         stats = train.finetune(cfg.model, [str(corpus)], model_dir, train_cfg, cfg.seq_len, cfg.seed, method=method, layers=cfg.layers)
         stages["train"] = stats.to_dict()
@@ -392,10 +414,14 @@ def run_cell(out: str | Path, name: str) -> dict:
         "eval": {model: {lang: r["bits_per_char"] for lang, r in langs.items()} for model, langs in evaluated.items()},
         "cell_seconds": round(time.perf_counter() - start, 1),
     }
-    checkpoint.write_json(folder / RESULT, result)
-    if not parsed.keep_models:
-        shutil.rmtree(model_dir, ignore_errors=True)
+    distributed.main_only(_finish_cell, folder, result, None if parsed.keep_models else model_dir)
     return result
+
+
+def _finish_cell(folder: Path, result: dict, drop: Path | None) -> None:
+    checkpoint.write_json(folder / RESULT, result)
+    if drop is not None:
+        shutil.rmtree(drop, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ results

@@ -54,6 +54,7 @@ class StageStats:
     losses: list[tuple[int, float]] = field(default_factory=list)
     precision: str = "32-true"
     hardware: dict = field(default_factory=dict)
+    processes: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -312,6 +313,7 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
         losses=losses,
         precision=precision,
         hardware=precision_mod.hardware(),
+        processes=args.world_size,
     )
     return stats, trainer
 
@@ -377,7 +379,7 @@ def _run_stage(
         checkpoint.copy_side_files(model_dir, staging, skip=("config.json", "generation_config.json"))
         engine = "fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled else None
         checkpoint.write_json(staging / STATS_FILE, {**stats.to_dict(), **(extra_stats or {}),
-                                                     "processes": trainer.args.world_size, "sharding": engine})
+                                                     "sharding": engine})
         if provenance is not None:
             checkpoint.write_json(staging / checkpoint.PROVENANCE, provenance)
     return stats
