@@ -9,6 +9,7 @@ is ~38 nats/token, its logits are huge, and bf16's rounding moves the loss by up
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,43 @@ def test_elo_run_on_two_processes_matches_one(tiny_model, corpora, tmp_path):
     for key, value in tensors(tmp_path / "one" / "model").items():
         torch.testing.assert_close(tensors(tmp_path / "two" / "model")[key], value, rtol=1e-3, atol=1e-4)
     assert not list(tmp_path.glob(".two.*")) and not list((tmp_path / "two").glob("**/*.partial"))
+
+
+def test_killing_one_rank_then_rerunning_resumes(tmp_path, corpora):
+    """SIGKILL of the second process of a two-process stage: torchrun stops the group; the same command resumes
+    from the last complete checkpoint and ends at the weights of an uninterrupted two-process run."""
+    import signal
+    import time
+
+    from test_engine import _bigger_model
+
+    base = _bigger_model(tmp_path / "base")
+    surgery.detach(base, "0,-1", tmp_path / "shallow")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545", "-m", "elo_cpt.cli"]
+    common = ("--data", corpora["train_de"], "--tokens", 4096, "--seq-len", 64, "--batch-size", 1, "--lr", 1e-3, "--save-steps", 4)
+    subprocess.run(_elo("pretrain", tmp_path / "shallow", *common, "--out", tmp_path / "straight", launcher=torchrun),
+                   check=True, env=ENV, capture_output=True)
+    launcher = subprocess.Popen(_elo("pretrain", tmp_path / "shallow", *common, "--out", tmp_path / "killed", launcher=torchrun),
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial, deadline = tmp_path / "killed.partial" / "checkpoints", time.time() + 300
+    while not (partial / "checkpoint-8").is_dir() and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    ranks = {}
+    for pid in Path("/proc").iterdir():
+        try:
+            environ = (pid / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"MASTER_PORT=29545" in environ and b"RANK=1" in environ:
+            ranks[int(pid.name)] = environ
+    assert ranks, "rank 1 was not found; did the run finish before it could be killed?"
+    for pid in ranks:
+        os.kill(pid, signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0
+    assert not (tmp_path / "killed").exists()
+    rerun = subprocess.run(_elo("pretrain", tmp_path / "shallow", *common, "--out", tmp_path / "killed", launcher=torchrun),
+                           env=ENV, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from" in rerun.stderr
+    for key, value in tensors(tmp_path / "straight").items():
+        torch.testing.assert_close(tensors(tmp_path / "killed")[key], value, rtol=1e-5, atol=1e-6)
