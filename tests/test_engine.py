@@ -16,7 +16,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer
 
 from conftest import VOCAB, make_tokenizer, save_tiny_model
-from elo_cpt import surgery, train
+from elo_cpt import engine, surgery, train
 from elo_cpt.config import TrainConfig
 
 
@@ -36,10 +36,10 @@ def test_chunked_loss_matches_the_full_loss_and_its_gradients(tmp_path, arch):
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     head = model.get_output_embeddings()
-    model.set_output_embeddings(train._Passthrough())
+    model.set_output_embeddings(engine.Passthrough())
     hidden = model(input_ids=tokens).logits
     model.set_output_embeddings(head)
-    chunked = train.chunked_lm_loss(head, hidden, labels, chunk=7)
+    chunked = engine.chunked_lm_loss(head, hidden, labels, chunk=7)
     chunked.backward()
     torch.testing.assert_close(chunked, full)
     for name, param in model.named_parameters():
@@ -49,11 +49,11 @@ def test_chunked_loss_matches_the_full_loss_and_its_gradients(tmp_path, arch):
 def test_chunked_loss_is_off_for_soft_capped_heads(tmp_path):
     gemma = AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path / "g", "gemma2"))
     llama = AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path / "l", "llama"))
-    assert not train.supports_chunked_loss(gemma, distributed=False)
-    assert train.supports_chunked_loss(llama, distributed=False)
-    assert not train.supports_chunked_loss(llama, distributed=True)  # trainable tied head under DDP
+    assert not engine.supports_chunked_loss(gemma, distributed=False)
+    assert engine.supports_chunked_loss(llama, distributed=False)
+    assert not engine.supports_chunked_loss(llama, distributed=True)  # trainable tied head under DDP
     llama.requires_grad_(False)
-    assert train.supports_chunked_loss(llama, distributed=True)
+    assert engine.supports_chunked_loss(llama, distributed=True)
 
 
 @pytest.mark.parametrize("method", ["fft", "freeze", "lora"])

@@ -14,7 +14,7 @@ LEVELS = {
     0: {"errors", "config", "checkpoint", "costmodel", "assets", "textformats", "report", "report_figures",
         "study_report", "samples", "precision", "hub", "distributed"},
     1: {"corpus", "tokencache", "data", "surgery", "stageclock"},
-    2: {"train", "evaluation", "lmeval"},
+    2: {"engine", "train", "evaluation", "lmeval"},
     3: {"pipeline", "study", "bench"},
     4: {"cli", "__init__", "__main__"},
 }

@@ -219,3 +219,21 @@ def test_killing_one_rank_then_rerunning_resumes(tmp_path, corpora):
     assert "resuming from" in rerun.stderr
     for key, value in tensors(tmp_path / "straight").items():
         torch.testing.assert_close(tensors(tmp_path / "killed")[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_budget_that_cannot_fill_one_global_batch_is_refused(shallow, tmp_path, corpora):
+    cfg = TrainConfig(tokens=2 * SEQ, batch_size=2, grad_accum=2)
+    with pytest.raises(EloError, match="2 sequences of 32 tokens cannot fill one optimizer step of 2 sequences x 2"):
+        train.pretrain(shallow, [str(corpora["train_de"])], tmp_path / "out", cfg, seq_len=SEQ)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_trackers_logging_steps_and_the_kv_cache_setting(tiny_model, tmp_path, corpora):
+    """report_to none writes no TensorBoard logs; logging_steps sets the loss points; use_cache is kept."""
+    cfg = TrainConfig(tokens=6 * 4 * SEQ, logging_steps=3, report_to=["none"])
+    stats = train.finetune(tiny_model, [str(corpora["train_de"])], tmp_path / "out", cfg, seq_len=SEQ)
+    assert [s for s, _ in stats.losses] == [3, 6]
+    assert not (tmp_path / "out" / "logs").exists()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["use_cache"] is True
+    with pytest.raises(EloError, match="report_to takes some of"):
+        train.finetune(tiny_model, [str(corpora["train_de"])], tmp_path / "bad", TrainConfig(report_to=["tensorbored"]), seq_len=SEQ)

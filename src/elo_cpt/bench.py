@@ -105,7 +105,7 @@ def measure(model: str, method: str, layers: list[int], batch: int, seq: int, st
     """Time `steps` training steps of one method in this process; return tokens/s and peak memory."""
     import torch
 
-    from elo_cpt import train
+    from elo_cpt import engine
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -122,7 +122,7 @@ def measure(model: str, method: str, layers: list[int], batch: int, seq: int, st
     _, custom = precision_mod.optimizer(TrainConfig(lr=1e-5, optimizer="adamw_kahan" if precision == "bf16-true" else "adamw"))
     optimizer = custom[0](params, **custom[1]) if custom else torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
     chunk = 0 if method == "elo-logits" else loss_chunk
-    chunk = chunk if chunk and train.supports_chunked_loss(net, distributed=False) else 0
+    chunk = chunk if chunk and engine.supports_chunked_loss(net, distributed=False) else 0
     vocab = net.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(seed)
 
@@ -139,12 +139,12 @@ def measure(model: str, method: str, layers: list[int], batch: int, seq: int, st
     def forward_loss(ids):
         if chunk:  # as EloTrainer.compute_loss: the model returns hidden states, the head runs in the loss
             head = net.get_output_embeddings()
-            net.set_output_embeddings(train._Passthrough())
+            net.set_output_embeddings(engine.Passthrough())
             try:
                 hidden = net(input_ids=ids).logits
             finally:
                 net.set_output_embeddings(head)
-            return train.chunked_lm_loss(head, hidden, ids, chunk)
+            return engine.chunked_lm_loss(head, hidden, ids, chunk)
         return net(input_ids=ids, labels=ids).loss
 
     for _ in range(warmup):

@@ -47,7 +47,7 @@ def _add_training_options(parser: argparse.ArgumentParser, lr: float) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data order and initialisation (default 0)")
     parser.add_argument("--save-steps", type=int, default=50, help="resumable checkpoint every N steps (default 50)")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "adamw_kahan"],
                         help="adamw_8bit needs bitsandbytes; adamw_kahan (Kahan-summed updates, for bf16-true) needs torch-optimi")
@@ -56,10 +56,27 @@ def _add_training_options(parser: argparse.ArgumentParser, lr: float) -> None:
                              "bf16-true needs --optimizer adamw_kahan")
     parser.add_argument("--loss-chunk", type=int, default=1024, help="positions per chunk of the vocabulary loss; 0: full logits")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    parser.add_argument("--schedule", default="cosine", help="learning-rate schedule after warm-up: cosine, linear, constant, ... (default cosine)")
+    parser.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of the steps warming the learning rate up (default 0.05)")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0 turns clipping off (default 1.0)")
+    parser.add_argument("--logging-steps", type=int, default=0, help="log the loss every N steps (default 0: about 20 times)")
+    parser.add_argument("--report-to", default="tensorboard", metavar="A,B",
+                        help="experiment trackers: tensorboard (default), wandb, mlflow, comet_ml, clearml, dvclive, neptune, or none")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("elo-cpt")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="elo", description="ELO continual pretraining: train a few layers of a shallow model, write them back, align.")
+    parser.add_argument("--version", action="version", version=f"elo-cpt {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="the whole pipeline (stage 1, write-back, alignment, evaluation)")
@@ -71,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     detach.add_argument("model", help="Hugging Face model folder")
     detach.add_argument("--layers", default="0,-1", help="layers to keep, e.g. 0,-1 or 0,15,-1 or 0:4 (default 0,-1)")
     detach.add_argument("--frozen-layers", default="", help="extra layers kept frozen in the shallow model and not written back (e.g. 10,20)")
-    detach.add_argument("--out", required=True)
+    detach.add_argument("--out", required=True, help="output shallow model folder (written when complete)")
 
     bridge = sub.add_parser("bridge", help="fit least-squares bridges for the layers a shallow model removed (pretrain applies them)")
     bridge.add_argument("shallow", help="shallow model folder from `elo detach` (its base model must still be where it was)")
@@ -86,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--train-norm", action="store_true", help="also train the final norm (written back by merge)")
 
     merge = sub.add_parser("merge", help="write a shallow model's layers back into its base model")
-    merge.add_argument("base")
-    merge.add_argument("shallow")
-    merge.add_argument("--out", required=True)
+    merge.add_argument("base", help="the model the shallow one was detached from (folder or hub id)")
+    merge.add_argument("shallow", help="the trained shallow model folder (from `elo pretrain`)")
+    merge.add_argument("--out", required=True, help="output model folder (written when complete)")
 
     align = sub.add_parser("align", help="alignment: full fine-tuning of a (merged) model")
     align.add_argument("model")
@@ -110,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="at most this many examples per lm-eval task (quick checks)")
     ev.add_argument("--num-fewshot", type=int, help="few-shot examples per lm-eval prompt (default: each task's own)")
     ev.add_argument("--batch-size", type=int, default=8, help="windows or lm-eval requests at once (default 8)")
-    ev.add_argument("--seq-len", type=int, default=256)
+    ev.add_argument("--seq-len", type=int, default=256, help="tokens per evaluation window (default 256)")
     ev.add_argument("--max-chars", type=int, default=0, help="use at most this many characters per text (default all)")
     ev.add_argument("--json", help="also write the results to this JSON file: {bits_per_char: {lang: ...}, lm_eval: {task: ...}}")
 
@@ -165,7 +182,10 @@ def _train_config(args: argparse.Namespace):
 
     return TrainConfig(tokens=args.tokens, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        save_steps=args.save_steps, optimizer=args.optimizer, precision=args.precision, loss_chunk=args.loss_chunk,
-                       gradient_checkpointing=args.gradient_checkpointing, lora_rank=getattr(args, "lora_rank", 16))
+                       gradient_checkpointing=args.gradient_checkpointing, lora_rank=getattr(args, "lora_rank", 16),
+                       schedule=args.schedule, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+                       max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps,
+                       report_to=[t.strip() for t in args.report_to.split(",") if t.strip()])
 
 
 def _trained(stats, out: str) -> str:

@@ -23,6 +23,8 @@ AUTO = "auto"
 PRECISIONS = (AUTO, "32-true", "bf16-mixed", "bf16-true")
 #: Optimizers by their config name. `adamw_kahan` keeps bf16 weights' small updates (Kahan summation).
 OPTIMIZERS = ("adamw", "adamw_8bit", "adamw_kahan")
+#: Experiment trackers `report_to` can name (transformers' integrations), and `none`.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "dvclive", "neptune", "none")
 #: Why bf16-true is refused with a plain optimizer (shared by the config and the training commands).
 BF16_TRUE_NEEDS = ("needs optimizer adamw_kahan: with bf16 weights, an AdamW step of about lr is below half a bf16 "
                    "ulp of most weights and rounds away; use precision bf16-mixed (fp32 master weights) instead, "
@@ -64,6 +66,11 @@ class TrainConfig:
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     lora_rank: int = 16
     """Rank of the LoRA adapters (LoRA baseline only)."""
+    logging_steps: int = 0
+    """Log the training loss every this many optimizer steps; 0 logs about 20 times per stage."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers, through transformers' integrations: tensorboard (the stage's logs/ folder), wandb, mlflow,
+    comet_ml, clearml, dvclive or neptune (each needs its package and its usual environment variables); none for none."""
 
 
 @dataclass
@@ -308,6 +315,8 @@ def train_checks(train: TrainConfig, prefix: str = "", min_tokens: int = 1) -> l
         (train.optimizer in OPTIMIZERS, f"{prefix}optimizer must be one of {', '.join(OPTIMIZERS)}, not {train.optimizer!r}"),
         (train.precision in PRECISIONS, f"{prefix}precision must be one of {', '.join(PRECISIONS)}, not {train.precision!r}"),
         (train.precision != "bf16-true" or train.optimizer == "adamw_kahan", f"{prefix}precision bf16-true {BF16_TRUE_NEEDS}"),
+        (train.logging_steps >= 0, f"{prefix}logging_steps must be >= 0 (0: about 20 log points per stage)"),
+        (set(train.report_to) <= set(TRACKERS), f"{prefix}report_to takes some of {', '.join(TRACKERS)}, not {train.report_to!r}"),
     ]
 
 

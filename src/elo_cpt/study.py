@@ -257,8 +257,8 @@ def study(spec: str | Path | dict, out: str | Path, cells: list[str] | str | Non
 
 
 # Settings that cannot change a cell's numbers: a study may change them (or their defaults) and still resume.
-_RESULT_NEUTRAL = {"stage1.save_steps", "align.save_steps", "eval.batch_size", "eval.sample_tokens", "eval.prompts",
-                   "eval.english_tolerance_pct"}
+_RESULT_NEUTRAL = {f"{stage}.{key}" for stage in ("stage1", "align") for key in ("save_steps", "logging_steps", "report_to")} | {
+    "eval.batch_size", "eval.sample_tokens", "eval.prompts", "eval.english_tolerance_pct"}
 
 
 def _flat(config: RunConfig) -> dict:
