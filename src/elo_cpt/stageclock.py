@@ -1,18 +1,22 @@
-"""The cost of a training stage over every invocation that trained it, interrupted ones included.
+"""A training stage's staging folder, its checkpoints, and its cost over every invocation that trained it,
+interrupted ones included.
 
 A Trainer callback keeps the running total in the stage's staging folder, where a rerun that resumes the stage
-finds it. Of elo_cpt it imports only the atomic JSON writer (checkpoint).
+finds it. Of elo_cpt it imports only the output helpers (checkpoint) and the process rank (distributed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from elo_cpt import checkpoint
+from elo_cpt import checkpoint, distributed
 
 #: The running total of a stage's training seconds and invocations, in its staging folder (`OUT.partial/`).
 CLOCK_FILE = "stage_clock.json"
@@ -55,3 +59,45 @@ class StageClock(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.save()
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint whose files were all written, deleting any a crash left half-written.
+
+    Trainer writes `trainer_state.json` last, so a checkpoint is complete when that file parses and names the
+    checkpoint's step.
+    """
+    if not folder.is_dir():
+        return None
+    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    for candidate in reversed(checkpoints):
+        try:
+            state = json.loads((candidate / "trainer_state.json").read_text())
+            if state.get("global_step") == int(candidate.name.split("-")[-1]):
+                return str(candidate)
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(candidate, ignore_errors=True)
+    return None
+
+
+@contextlib.contextmanager
+def stage_output(out: str | Path) -> Iterator[tuple[Path, bool]]:
+    """The staging folder of a training stage, and whether this process writes the result.
+
+    Under torchrun every process trains, but only the main one saves and renames the output.
+    """
+    main = distributed.is_main()
+    if main:
+        staging = checkpoint.staging_path(Path(out))
+        fresh = not staging.exists()
+
+        def keep(err: BaseException) -> bool:
+            # An interruption, or a failure after a checkpoint, is resumed by rerunning; an error in a stage this
+            # invocation started, before any checkpoint, leaves nothing behind.
+            return not fresh or not isinstance(err, Exception) or last_complete_checkpoint(staging / "checkpoints") is not None
+
+        with checkpoint.atomic_output(out, keep_partial=keep) as staging:
+            yield staging, True
+    else:
+        yield checkpoint.staging_path(Path(out)), False

@@ -14,14 +14,12 @@ Methods (one engine, same data and token budget):
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import resource
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from elo_cpt import checkpoint, data, distributed, surgery
 from elo_cpt import precision as precision_mod
 from elo_cpt.config import AUTO, TrainConfig, bridge_token_count, validate_train
 from elo_cpt.errors import EloError
-from elo_cpt.stageclock import CLOCK_FILE, StageClock
+from elo_cpt.stageclock import CLOCK_FILE, StageClock, last_complete_checkpoint, stage_output
 
 STATS_FILE = "training_stats.json"
 METHODS = ("fft", "freeze", "lora")
@@ -248,26 +246,6 @@ def save_loss_plot(losses: list[tuple[int, float]], path: Path) -> None:
     plt.close(figure)
 
 
-def last_complete_checkpoint(folder: Path) -> str | None:
-    """The newest checkpoint whose files were all written, deleting any a crash left half-written.
-
-    Trainer writes `trainer_state.json` last, so a checkpoint is complete when that file parses and names the
-    checkpoint's step.
-    """
-    if not folder.is_dir():
-        return None
-    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
-    for candidate in reversed(checkpoints):
-        try:
-            state = json.loads((candidate / "trainer_state.json").read_text())
-            if state.get("global_step") == int(candidate.name.split("-")[-1]):
-                return str(candidate)
-        except (OSError, ValueError):
-            pass
-        shutil.rmtree(candidate, ignore_errors=True)
-    return None
-
-
 def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainConfig, work_dir: Path, seed: int
                 ) -> tuple[StageStats, Trainer]:
     """Train `model` in place on `dataset` for one pass; checkpoints go to `work_dir/checkpoints`."""
@@ -316,20 +294,6 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
     return stats, trainer
 
 
-@contextlib.contextmanager
-def stage_output(out: str | Path) -> Iterator[tuple[Path, bool]]:
-    """The staging folder of a training stage, and whether this process writes the result.
-
-    Under torchrun every process trains, but only the main one saves and renames the output.
-    """
-    main = distributed.is_main()
-    if main:
-        with checkpoint.atomic_output(out, keep_partial=True) as staging:
-            yield staging, True
-    else:
-        yield checkpoint.staging_path(Path(out)), False
-
-
 def _run_stage(
     model_dir: Path,
     sources: list[str],
@@ -350,6 +314,9 @@ def _run_stage(
     Trainer's own `save_model` on every process instead of `save`.
     """
     validate_train(cfg)
+    if seq_len < 1:
+        raise EloError(f"--seq-len must be at least 1 token, not {seq_len}")
+    checkpoint.check_output(out, overwrite=False)  # a rerun resumes from OUT.partial; a finished OUT is not overwritten
     # fp32 master weights except in bf16-true; the result is saved in the dtype the input was stored in
     weights_dtype = torch.bfloat16 if precision_mod.resolve(cfg.precision) == "bf16-true" else torch.float32
     stored_dtype = checkpoint.stored_dtype(model_dir)
