@@ -283,15 +283,15 @@ def dispatch(args: argparse.Namespace) -> None:
 
 #: What to do about an OSError, by errno name.
 _OS_FIXES = {
-    "ENOSPC": "free some space or choose another --out on a larger disk, then rerun",
-    "EDQUOT": "free some space or choose another --out, then rerun",
-    "EROFS": "the file system is read-only; choose another --out",
+    "ENOSPC": "free some space or choose another {flag} on a larger disk, then rerun",
+    "EDQUOT": "free some space or choose another {flag}, then rerun",
+    "EROFS": "the file system is read-only; choose another {flag}",
     "EACCES": "you may not write or read there; choose another path or fix its permissions",
     "EPERM": "you may not write or read there; choose another path or fix its permissions",
     "ENOENT": "check the path",
     "ENOTDIR": "a file stands where a folder is needed; check the path",
     "EISDIR": "a folder stands where a file is needed; check the path",
-    "EIO": "the disk reported an I/O error; check it, or choose another --out",
+    "EIO": "the disk reported an I/O error; check it, or choose another {flag}",
 }
 
 
@@ -300,9 +300,10 @@ def os_error_message(err: OSError, args: argparse.Namespace) -> str:
     import errno
 
     name = errno.errorcode.get(err.errno or 0, "")
+    flag = "--out" if getattr(args, "out", None) else "--json" if getattr(args, "json", None) else "output"
     where = err.filename or getattr(args, "out", None) or getattr(args, "json", None)
     what = err.strerror or str(err) or type(err).__name__
-    fix = _OS_FIXES.get(name, "check the path and the disk, then rerun")
+    fix = _OS_FIXES.get(name, "check the path and the disk, then rerun").format(flag=flag)
     return f"{what}{f': {where}' if where else ''}; {fix}"
 
 
