@@ -180,7 +180,7 @@ CASES = {
     "run-out-read-only": (["run", "model={m}/good", "data.target=[{m}/train.jsonl]", "data.eval={{de: {txt}}}", *GOOD_RUN,
                            "--out", "{ro}/run"], "Read-only file system"),
     "run-disk-full": (["run", "model={m}/good", "data.target=[{m}/train.jsonl]", "data.eval={{de: {txt}}}", *GOOD_RUN,
-                       "--out", "{full}/run"], "No space left on device"),
+                       "--out", "{full}/run"], "MB free"),
     "run-no-tokenizer": (["run", "model={m}/notok", "data.target=[{m}/train.jsonl]", "data.eval={{de: {txt}}}", *GOOD_RUN,
                           "--out", "{w}/new/out"], "has no tokenizer"),
     "run-corrupt-model": (["run", "model={m}/badheader", "data.target=[{m}/train.jsonl]", "data.eval={{de: {txt}}}", *GOOD_RUN,
@@ -194,6 +194,7 @@ CASES = {
     "run-negative-max-chars": (["run", "model={m}/good", "data.target=[{m}/train.jsonl]", "data.eval={{de: {txt}}}", *GOOD_RUN,
                                 "eval.max_chars=-5", "--out", "{w}/out"], "eval.max_chars must be >= 0"),
     # bridge
+    "bridge-seq-len-0": (["bridge", "{m}/shallow", "--data", "{m}/train.jsonl", "--seq-len", "0"], "--seq-len must be at least 1"),
     "bridge-binary-text": (["bridge", "{m}/shallow", "--data", "{m}/garbage.txt", "--tokens", "64", "--seq-len", "32"], "garbage.txt is not text"),
 }
 
@@ -241,6 +242,21 @@ def test_an_os_error_while_writing_is_one_line_and_the_staging_folder_goes(model
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("elo: error: No space left on device")
     assert cli.main(["--debug", "eval", str(models / "random"), "--text", f"de={TEXT / 'de.txt'}"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_run_whose_disk_fills_while_it_builds_the_data_leaves_no_run_folder(models, tmp_path, capsys, monkeypatch):
+    from elo_cpt import pipeline
+
+    def fills_up(cfg, folder, *args, **kwargs):
+        (folder / "stage1.jsonl").write_text('{"text": "half"}\n')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "write_mixtures", fills_up)
+    out = tmp_path / "runs" / "first"
+    code = cli.main(["run", f"model={models / 'good'}", f"data.target=[{models / 'train.jsonl'}]",
+                     f"data.eval={{de: {TEXT / 'de.txt'}}}", *GOOD_RUN, "--out", str(out)])
+    assert code == 1 and "No space left on device" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []  # neither the run folder, its staged data, nor the parent made for it
 
 
 def test_a_failed_training_stage_that_never_started_leaves_no_partial_folder(models, tmp_path, capsys):

@@ -311,11 +311,19 @@ def train_checks(train: TrainConfig, prefix: str = "", min_tokens: int = 1) -> l
     ]
 
 
-def validate_train(train: TrainConfig) -> None:
+def validate_train(train: TrainConfig, seq_len: int | None = None) -> None:
     """Reject settings of a single training command (`elo pretrain`, `align`, `finetune`) that cannot work."""
     for ok, message in train_checks(train):
         if not ok:
             raise EloError(message)
+    if seq_len is not None:
+        check_seq_len(seq_len)
+
+
+def check_seq_len(seq_len: int) -> None:
+    """Reject a `--seq-len` of a single command (training, bridges, evaluation) that cannot work."""
+    if seq_len < 1:
+        raise EloError(f"--seq-len must be at least 1 token, not {seq_len}")
 
 
 def validate(config: RunConfig) -> None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from elo_cpt import checkpoint, corpus, data
+from elo_cpt import checkpoint, config, corpus, data
 from elo_cpt.errors import EloError
 
 
@@ -75,8 +75,7 @@ def bits_per_char(model: PreTrainedModel, tokenizer, text: str, seq_len: int = 2
 
 def check_eval_settings(seq_len: int, batch_size: int, max_chars: int = 0) -> None:
     """Refuse evaluation settings that cannot work, before a model is loaded."""
-    if seq_len < 1:
-        raise EloError(f"--seq-len must be at least 1 token, not {seq_len}")
+    config.check_seq_len(seq_len)
     if batch_size < 1:
         raise EloError(f"--batch-size must be at least 1, not {batch_size}")
     if max_chars < 0:

@@ -235,8 +235,12 @@ def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dic
     elif out.exists() and any(out.iterdir()):
         raise EloError(f"{out} exists and is not an elo run folder; choose another --out")
     # a hub id is fetched here, once, with every shard: the write-back copies the whole base model
-    n_layers = surgery.num_layers(AutoConfig.from_pretrained(checkpoint.require_model_dir(cfg.model)))
+    model_dir = checkpoint.require_model_dir(cfg.model)
+    n_layers = surgery.num_layers(AutoConfig.from_pretrained(model_dir))
     checkpoint.load_tokenizer(cfg.model)  # a model folder without a tokenizer fails here, not after the data is built
+    # the merged and the final model are full copies of the base (the shallow ones and the data are far smaller)
+    copies = sum(not (out / part).is_dir() for part in ("stages/merged", "model"))
+    checkpoint.check_output(out, needed_bytes=copies * checkpoint.folder_bytes(model_dir))
     surgery.resolve_layers(cfg.layers, n_layers)
     if cfg.stage1.frozen_layers:
         surgery.resolve_layers(cfg.stage1.frozen_layers, n_layers)

@@ -1,5 +1,5 @@
-"""A training stage's staging folder, its checkpoints, and its cost over every invocation that trained it,
-interrupted ones included.
+"""A training stage's staging folder, its checkpoints, its loss plot, and its cost over every invocation that
+trained it, interrupted ones included.
 
 A Trainer callback keeps the running total in the stage's staging folder, where a rerun that resumes the stage
 finds it. Of elo_cpt it imports only the output helpers (checkpoint) and the process rank (distributed).
@@ -101,3 +101,19 @@ def stage_output(out: str | Path) -> Iterator[tuple[Path, bool]]:
             yield staging, True
     else:
         yield checkpoint.staging_path(Path(out)), False
+
+
+def save_loss_plot(losses: list[tuple[int, float]], path: Path) -> None:
+    """The stage's training loss against optimizer steps, as a PNG beside the model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
+    axes.plot([s for s, _ in losses], [loss for _, loss in losses], marker="." if len(losses) < 30 else None)
+    axes.set(xlabel="optimizer step", ylabel="training loss (nats/token)", title=f"{path.parent.name.removesuffix('.partial')}: loss")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

@@ -30,9 +30,9 @@ from transformers import AutoConfig, PreTrainedModel, Trainer, TrainerCallback, 
 
 from elo_cpt import checkpoint, data, distributed, surgery
 from elo_cpt import precision as precision_mod
-from elo_cpt.config import AUTO, TrainConfig, bridge_token_count, validate_train
+from elo_cpt.config import AUTO, TrainConfig, bridge_token_count, check_seq_len, validate_train
 from elo_cpt.errors import EloError
-from elo_cpt.stageclock import CLOCK_FILE, StageClock, last_complete_checkpoint, stage_output
+from elo_cpt.stageclock import CLOCK_FILE, StageClock, last_complete_checkpoint, save_loss_plot, stage_output
 
 STATS_FILE = "training_stats.json"
 METHODS = ("fft", "freeze", "lora")
@@ -230,22 +230,6 @@ def training_arguments(cfg: TrainConfig, work_dir: Path, steps: int, seed: int, 
     )
 
 
-def save_loss_plot(losses: list[tuple[int, float]], path: Path) -> None:
-    """The stage's training loss against optimizer steps, as a PNG beside the model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
-    axes.plot([s for s, _ in losses], [loss for _, loss in losses], marker="." if len(losses) < 30 else None)
-    axes.set(xlabel="optimizer step", ylabel="training loss (nats/token)", title=f"{path.parent.name.removesuffix('.partial')}: loss")
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-
-
 def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainConfig, work_dir: Path, seed: int
                 ) -> tuple[StageStats, Trainer]:
     """Train `model` in place on `dataset` for one pass; checkpoints go to `work_dir/checkpoints`."""
@@ -313,9 +297,7 @@ def _run_stage(
     Under FSDP or DeepSpeed the parameters are sharded across processes, so the model is gathered and saved with
     Trainer's own `save_model` on every process instead of `save`.
     """
-    validate_train(cfg)
-    if seq_len < 1:
-        raise EloError(f"--seq-len must be at least 1 token, not {seq_len}")
+    validate_train(cfg, seq_len)
     checkpoint.check_output(out, overwrite=False)  # a rerun resumes from OUT.partial; a finished OUT is not overwritten
     # fp32 master weights except in bf16-true; the result is saved in the dtype the input was stored in
     weights_dtype = torch.bfloat16 if precision_mod.resolve(cfg.precision) == "bf16-true" else torch.float32
@@ -393,6 +375,7 @@ def bridge(shallow_dir: str | Path, sources: list[str], tokens: int | str = AUTO
     """Fit the least-squares bridges for the layers a shallow model removed (`surgery.fit_bridges`) on the first
     `tokens` of `sources` (`auto`: max(4096, 4 x hidden size), at most `max_tokens`) and store them in its folder,
     where `pretrain` applies them. Needs the base model the shallow one was detached from; returns the tokens used."""
+    check_seq_len(seq_len)
     shallow_dir = checkpoint.require_model_dir(shallow_dir)
     base = checkpoint.read_provenance(shallow_dir)["base_model"]
     count = bridge_token_count(tokens, AutoConfig.from_pretrained(shallow_dir).get_text_config().hidden_size)
