@@ -152,6 +152,9 @@ CASES = {
     "finetune-freeze-bad-layers": (["finetune", "{m}/good", "--data", "{m}/train.jsonl", "--method", "freeze", "--layers", "0,77",
                                     "--seq-len", "32", "--out", "{w}/out"], "out of range"),
     "finetune-grad-accum-0": (["finetune", "{m}/good", "--data", "{m}/train.jsonl", "--grad-accum", "0", "--out", "{w}/out"], "grad_accum"),
+    "finetune-save-steps-0": (["finetune", "{m}/good", "--data", "{m}/train.jsonl", "--save-steps", "0", "--out", "{w}/out"], "save_steps must be >= 1"),
+    "finetune-lora-rank-0": (["finetune", "{m}/good", "--data", "{m}/train.jsonl", "--method", "lora", "--lora-rank", "0",
+                              "--out", "{w}/out"], "lora_rank must be >= 1"),
     "finetune-encoder-decoder": (["finetune", "{m}/t5", "--data", "{m}/train.jsonl", "--out", "{w}/out"], "encoder-decoder"),
     # eval
     "eval-truncated": (["eval", "{m}/truncated", "--text", "de={txt}"], "is truncated or corrupt"),
