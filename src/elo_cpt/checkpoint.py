@@ -12,13 +12,15 @@ import math
 import os
 import shutil
 import struct
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from elo_cpt import hub
 from elo_cpt.errors import EloError
@@ -40,6 +42,9 @@ SIDE_FILES = (
     "tokenizer.model",
     "added_tokens.json",
 )
+#: Files of which a tokenizer is loaded; a folder with none of them has no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model",
+                   "sentencepiece.bpe.model", "vocab.txt")
 #: safetensors itself refuses headers above 100 MB.
 _MAX_HEADER = 100_000_000
 #: The most bytes held in memory while copying, when the kernel cannot copy file to file itself.
@@ -73,24 +78,72 @@ def require_model_dir(path: str | Path, weights: bool = True) -> Path:
                 "convert it once with AutoModelForCausalLM.from_pretrained(...).save_pretrained(...) to safetensors"
             )
         raise EloError(f"{path} has no model.safetensors weights; pass a folder saved with save_pretrained")
+    check_model_files(path)
     return path
+
+
+#: Model types transformers can build as a causal LM but which are encoders (BERT-like) or encoder-decoders.
+_ENCODERS = frozenset(MODEL_FOR_MASKED_LM_MAPPING_NAMES) & frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def check_model_files(path: Path) -> None:
+    """Refuse a model folder elo-cpt cannot use, before anything is loaded: a config.json that is not JSON, an
+    architecture that is not a decoder-only causal LM, and safetensors shards that are truncated or corrupt (their
+    headers, checked against the file sizes; shards of a hub model not yet fetched are checked when read)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise EloError(f"{path}: config.json is not valid JSON ({err}); download the model again or re-save it with "
+                       "save_pretrained") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str):
+        raise EloError(f"{path}: config.json names no model_type; pass a Hugging Face model folder saved with save_pretrained")
+    supported = "elo-cpt trains decoder-only causal LMs (Llama, Mistral, Qwen, Gemma, Phi, GPT-2, ...)"
+    if config.get("is_encoder_decoder") or model_type in _ENCODERS:
+        kind = "an encoder-decoder" if config.get("is_encoder_decoder") else "an encoder"
+        raise EloError(f"{path} is {kind} model ({model_type}); {supported}")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise EloError(f"{path} has model_type {model_type!r}, which this transformers cannot load as a causal LM; "
+                       f"{supported}; upgrade transformers if it is a newer one")
+    for shard in safetensors_files(path):
+        if shard.is_file():  # a hub shard not fetched yet is a missing link target
+            try:
+                with safe_open(shard, framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as err:
+                raise EloError(f"{path}: {shard.name} is truncated or corrupt ({err}); download the model again or "
+                               "re-save it with save_pretrained") from None
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
     """The safetensors shards of a model folder, in index order (empty if there are none)."""
     index = model_dir / SAFETENSORS_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [model_dir / name for name in dict.fromkeys(weight_map.values())]
+        return [model_dir / name for name in dict.fromkeys(_weight_map(index).values())]
     single = model_dir / SAFETENSORS_SINGLE
     return [single] if single.is_file() else []
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values()):
+            return weight_map
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        pass
+    raise EloError(f"{index} is not a valid safetensors index (no weight_map of tensor names to shard files); "
+                   "download the model again or re-save it with save_pretrained")
 
 
 def _open_shard(shard: Path):
     hub.fetch(shard)  # a shard of a hub model is downloaded when first read
     # pread, not mmap: a tensor read is the model's own memory, not a view of the base files' pages, which would
     # stay mapped as long as the model lives and fault (SIGBUS) if a file were replaced or truncated meanwhile.
-    return safe_open(shard, framework="pt", backend="pread")
+    try:
+        return safe_open(shard, framework="pt", backend="pread")
+    except SafetensorError as err:
+        raise EloError(f"{shard.parent}: {shard.name} is truncated or corrupt ({err}); download the model again or "
+                       "re-save it with save_pretrained") from None
 
 
 def tensor_locations(model_dir: Path) -> dict[str, Path]:
@@ -98,7 +151,7 @@ def tensor_locations(model_dir: Path) -> dict[str, Path]:
     no shard is opened or fetched)."""
     index = model_dir / SAFETENSORS_INDEX
     if index.is_file():
-        return {name: model_dir / shard for name, shard in json.loads(index.read_text())["weight_map"].items()}
+        return {name: model_dir / shard for name, shard in _weight_map(index).items()}
     locations: dict[str, Path] = {}
     for shard in safetensors_files(model_dir):
         with _open_shard(shard) as f:
@@ -225,16 +278,32 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
 def write_json(path: Path, obj: object) -> None:
     """Write JSON through a temporary file so a reader never sees half of it."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file through a temporary file so a reader never sees half of it (nor an emptied file when the
+    disk is full: the temporary file is removed and the old file stays)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_provenance(model_dir: Path) -> dict:
     path = Path(model_dir) / PROVENANCE
     if not path.is_file():
         raise EloError(f"{model_dir} has no {PROVENANCE}; pass a shallow model made by `elo detach` or `elo pretrain`")
-    return json.loads(path.read_text())
+    try:
+        provenance = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        provenance = None
+    if not isinstance(provenance, dict) or "layers" not in provenance:
+        raise EloError(f"{path} is damaged (not the JSON `elo detach` writes); detach the shallow model again")
+    return provenance
 
 
 def copy_side_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
@@ -249,24 +318,72 @@ def staging_path(out: Path) -> Path:
     return out.with_name(f"{out.name}.partial")
 
 
+def check_output(out: str | Path, flag: str = "--out", overwrite: bool = True, needed_bytes: int = 0, file: bool = False) -> Path:
+    """Refuse an output location before anything is loaded or written: an existing `out` (unless `overwrite`), a
+    file where a folder goes (or, with `file`, a folder where a file goes), a place that cannot be written
+    (read-only, /proc, no permission), and less free space than `needed_bytes`. `flag` names the option to change."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise EloError(f"output {out} already exists; choose another {flag} or remove it")
+    if out.exists() and out.is_dir() == file:
+        kind = "a folder, not a file" if file else "an existing file, not a folder"
+        raise EloError(f"output {out} is {kind}; choose another {flag}")
+    ancestor = out if out.is_dir() else out.parent  # where the output (or its staging folder) will be made
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise EloError(f"cannot create {out}: {ancestor} is a file, not a folder; choose another {flag}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".elo-write-check.", dir=ancestor))
+    except OSError as err:
+        raise EloError(f"cannot write under {ancestor} ({err.strerror or err}); choose another {flag}") from None
+    free = shutil.disk_usage(ancestor).free
+    if needed_bytes > free:
+        raise EloError(f"{out} needs about {needed_bytes / 1e6:,.1f} MB but {ancestor} has {free / 1e6:,.1f} MB free; "
+                       f"free some space or choose another {flag}")
+    return out
+
+
+def folder_bytes(folder: Path) -> int:
+    """The bytes of the files directly in a folder (a model folder's weights and side files)."""
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
+
+
 @contextlib.contextmanager
-def atomic_output(out: str | Path, overwrite: bool = False, keep_partial: bool = False) -> Iterator[Path]:
+def new_parents(path: Path) -> Iterator[None]:
+    """Create the missing parents of `path`; remove those still empty if the block fails."""
+    missing = [p for p in Path(path).parents if not p.exists()]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in missing:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_output(out: str | Path, overwrite: bool = False,
+                  keep_partial: bool | Callable[[BaseException], bool] = False) -> Iterator[Path]:
     """Yield a staging folder that becomes `out` only when the block completes.
 
-    On failure the staging folder is removed, unless `keep_partial` (training keeps its checkpoints there so the
-    same command can resume). An existing `out` is an error unless `overwrite`.
+    On failure the staging folder is removed (and any parent folder made for it), unless `keep_partial` is true or,
+    given a function, returns true for the exception (training keeps its checkpoints there so the same command can
+    resume). An existing `out` is an error unless `overwrite`.
     """
     out = Path(out)
     if out.exists() and not overwrite:
         raise EloError(f"output {out} already exists; choose another --out or remove it")
     staging = staging_path(out)
-    staging.mkdir(parents=True, exist_ok=True)
-    try:
-        yield staging
-    except BaseException:
-        if not keep_partial:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with new_parents(staging):
+        staging.mkdir(exist_ok=True)
+        try:
+            yield staging
+        except BaseException as err:
+            if not (keep_partial(err) if callable(keep_partial) else keep_partial):
+                shutil.rmtree(staging, ignore_errors=True)
+            raise  # kept folders are not empty, so their parents stay
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
@@ -298,4 +415,17 @@ def stored_dtype(model_dir: Path) -> torch.dtype:
 
 
 def load_tokenizer(path: str | Path):
-    return AutoTokenizer.from_pretrained(local_path(path, weights=False), trust_remote_code=False)
+    """The tokenizer of a model folder (or hub id); a folder without a usable one is a one-line error."""
+    path = local_path(path, weights=False)  # a tokenizer folder needs no weights (e.g. `elo bench --data`)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise EloError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...); copy the tokenizer "
+                       "files of the model it came from into it")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as err:  # transformers raises OSError, ValueError, TypeError, ... for missing or broken files
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(" :")
+        raise EloError(f"{path} has no usable tokenizer ({reason}); copy the tokenizer files (tokenizer.json, "
+                       "tokenizer_config.json, ...) of the model it came from into it") from err
+    if not callable(tokenizer):
+        raise EloError(f"{path} has no usable tokenizer; copy the tokenizer files of the model it came from into it")
+    return tokenizer

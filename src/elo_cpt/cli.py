@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from elo_cpt.errors import EloError
@@ -77,6 +78,7 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="elo", description="ELO continual pretraining: train a few layers of a shallow model, write them back, align.")
     parser.add_argument("--version", action="version", version=f"elo-cpt {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (as ELO_DEBUG=1 does)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="the whole pipeline (stage 1, write-back, alignment, evaluation)")
@@ -195,12 +197,22 @@ def _trained(stats, out: str) -> str:
 
 def _eval(args: argparse.Namespace, api) -> None:
     """Bits/char and lm-eval tasks on one loaded model: the folder is read once for both."""
-    from elo_cpt.evaluation import load_for_eval, parse_texts
+    from elo_cpt.checkpoint import check_output, write_json
+    from elo_cpt.evaluation import check_eval_settings, load_for_eval, parse_texts, read_eval_text
     from elo_cpt.lmeval import parse_tasks, task_manager
 
     texts, tasks = parse_texts(args.text), parse_tasks(args.tasks)
     if not texts and not tasks:
         raise EloError("nothing to evaluate; pass --text LANG=PATH (bits/char) and/or --tasks A,B (lm-eval)")
+    check_eval_settings(args.seq_len, args.batch_size, args.max_chars)
+    if args.limit is not None and args.limit < 1:
+        raise EloError(f"--limit must be at least 1 example per task, not {args.limit}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise EloError(f"--num-fewshot must be >= 0, not {args.num_fewshot}")
+    if args.json:
+        check_output(args.json, flag="--json", file=True)  # writable, before the model is loaded
+    for path in texts.values():  # unreadable or binary text fails before the model is loaded
+        read_eval_text(path)
     # A typo in a task name fails here, before the model is loaded.
     manager = task_manager(tasks, args.include_path) if tasks else None
     model, tokenizer = load_for_eval(args.model)
@@ -219,7 +231,8 @@ def _eval(args: argparse.Namespace, api) -> None:
                 shown = "n/a" if value is None else f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
                 print(f"{task}\t{metric}\t{shown}\t{scored['samples'] or ''} examples".rstrip())
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.json), results)
 
 
 def dispatch(args: argparse.Namespace) -> None:
@@ -290,16 +303,54 @@ def dispatch(args: argparse.Namespace) -> None:
             print(f"{name}\t{path}")
 
 
+#: What to do about an OSError, by errno name.
+_OS_FIXES = {
+    "ENOSPC": "free some space or choose another {flag} on a larger disk, then rerun",
+    "EDQUOT": "free some space or choose another {flag}, then rerun",
+    "EROFS": "the file system is read-only; choose another {flag}",
+    "EACCES": "you may not write or read there; choose another path or fix its permissions",
+    "EPERM": "you may not write or read there; choose another path or fix its permissions",
+    "ENOENT": "check the path",
+    "ENOTDIR": "a file stands where a folder is needed; check the path",
+    "EISDIR": "a folder stands where a file is needed; check the path",
+    "EIO": "the disk reported an I/O error; check it, or choose another {flag}",
+}
+
+
+def os_error_message(err: OSError, args: argparse.Namespace) -> str:
+    """One line for an OSError that got past the checks: what happened, at which path, and what to do."""
+    import errno
+
+    name = errno.errorcode.get(err.errno or 0, "")
+    flag = "--out" if getattr(args, "out", None) else "--json" if getattr(args, "json", None) else "output"
+    where = err.filename or getattr(args, "out", None) or getattr(args, "json", None)
+    what = err.strerror or str(err) or type(err).__name__
+    fix = _OS_FIXES.get(name, "check the path and the disk, then rerun").format(flag=flag)
+    return f"{what}{f': {where}' if where else ''}; {fix}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from safetensors import SafetensorError
+
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("ELO_DEBUG", "") not in ("", "0")
     try:
         dispatch(args)
-    except EloError as err:
-        print(f"elo: error: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("elo: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except (EloError, OSError, SafetensorError) as err:
+        if debug:
+            traceback.print_exc()
+        if isinstance(err, EloError):
+            message = str(err)
+        elif isinstance(err, OSError):
+            message = os_error_message(err, args)
+        else:
+            message = f"a safetensors file is truncated or corrupt ({err}); download the model again or re-save it with save_pretrained"
+        hint = "" if debug or isinstance(err, EloError) else " (ELO_DEBUG=1 shows the traceback)"
+        print(f"elo: error: {message}{hint}".replace("\n", " "), file=sys.stderr)
+        return 1
     return 0
 
 

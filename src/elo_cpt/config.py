@@ -312,6 +312,10 @@ def train_checks(train: TrainConfig, prefix: str = "", min_tokens: int = 1) -> l
         (train.lr > 0, f"{prefix}lr must be positive"),
         (train.batch_size >= 1 and train.grad_accum >= 1, f"{prefix}batch_size and {prefix}grad_accum must be >= 1"),
         (0 <= train.warmup_ratio < 1, f"{prefix}warmup_ratio must be in [0, 1)"),
+        (train.save_steps >= 1, f"{prefix}save_steps must be >= 1 (a resumable checkpoint every N optimizer steps)"),
+        (train.loss_chunk >= 0, f"{prefix}loss_chunk must be >= 0 (0 computes the full logits)"),
+        (train.lora_rank >= 1, f"{prefix}lora_rank must be >= 1"),
+        (train.weight_decay >= 0 and train.max_grad_norm >= 0, f"{prefix}weight_decay and {prefix}max_grad_norm must be >= 0"),
         (train.optimizer in OPTIMIZERS, f"{prefix}optimizer must be one of {', '.join(OPTIMIZERS)}, not {train.optimizer!r}"),
         (train.precision in PRECISIONS, f"{prefix}precision must be one of {', '.join(PRECISIONS)}, not {train.precision!r}"),
         (train.precision != "bf16-true" or train.optimizer == "adamw_kahan", f"{prefix}precision bf16-true {BF16_TRUE_NEEDS}"),
@@ -320,11 +324,19 @@ def train_checks(train: TrainConfig, prefix: str = "", min_tokens: int = 1) -> l
     ]
 
 
-def validate_train(train: TrainConfig) -> None:
+def validate_train(train: TrainConfig, seq_len: int | None = None) -> None:
     """Reject settings of a single training command (`elo pretrain`, `align`, `finetune`) that cannot work."""
     for ok, message in train_checks(train):
         if not ok:
             raise EloError(message)
+    if seq_len is not None:
+        check_seq_len(seq_len)
+
+
+def check_seq_len(seq_len: int) -> None:
+    """Reject a `--seq-len` of a single command (training, bridges, evaluation) that cannot work."""
+    if seq_len < 1:
+        raise EloError(f"--seq-len must be at least 1 token, not {seq_len}")
 
 
 def validate(config: RunConfig) -> None:

@@ -22,6 +22,7 @@ import glob
 import hashlib
 import json
 import math
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -115,10 +116,18 @@ def source_files(path: str | Path) -> list[Path]:
 # ---------------------------------------------------------------- reading, one document at a time
 
 
+#: A text file is refused when this share of its characters are invalid UTF-8 or control bytes other than
+#: whitespace: a few bad bytes are replaced with a warning, a binary file stops. A file that is mostly binary
+#: stops early: once _EARLY_CHARS characters are read, at _EARLY_SHARE.
+NOT_TEXT_SHARE = 0.05
+_EARLY_CHARS, _EARLY_SHARE = 4096, 0.25
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+
+
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, line with its newline) of a text file, streamed; invalid UTF-8 is replaced, with a warning
-    at the end saying how much."""
-    replaced = 0
+    at the end saying how much, and a file that is mostly not text (see NOT_TEXT_SHARE) is refused."""
+    replaced = bad = chars = 0
     try:
         with path.open("rb") as f:
             for number, raw in enumerate(f, 1):
@@ -127,11 +136,28 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
                 except UnicodeDecodeError:
                     line = raw.decode("utf-8", errors="replace")
                     replaced += line.count("\ufffd") - raw.count("\ufffd".encode())
+                bad += len(_CONTROL.findall(line))
+                chars += len(line)
+                if chars >= _EARLY_CHARS:
+                    _check_text(path, replaced + bad, chars, _EARLY_SHARE)
                 yield number, line
     except OSError as err:
         raise EloError(f"cannot read {path}: {err.strerror or err}") from None
+    _check_text(path, replaced + bad, chars)
     if replaced:
         print(f"warning: {path}: {replaced} invalid UTF-8 byte sequence(s) replaced with U+FFFD", file=sys.stderr)
+
+
+def _check_text(path: Path, bad: int, chars: int, share: float = NOT_TEXT_SHARE) -> None:
+    if bad > share * chars:
+        raise EloError(f"{path} is not text: {bad:,} of {chars:,} characters read are invalid UTF-8 or control "
+                       "bytes; pass a UTF-8 text file")
+
+
+def read_text(path: Path) -> str:
+    """A whole text file, decoded as `_text_lines` does (a few invalid bytes replaced, a binary file refused)."""
+    text = "".join(line for _, line in _text_lines(Path(path)))
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as Path.read_text reads
 
 
 def _txt_documents(path: Path) -> Iterator[str]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from elo_cpt import checkpoint, data
+from elo_cpt import checkpoint, config, corpus, data
 from elo_cpt.errors import EloError
 
 
@@ -26,7 +26,7 @@ def read_eval_text(path: str | Path, max_chars: int = 0) -> str:
     path = Path(path)
     if not path.is_file():
         raise EloError(f"evaluation text {path} does not exist; check the path")
-    text = path.read_text(encoding="utf-8").strip()
+    text = corpus.read_text(path).strip()  # a few invalid bytes are replaced with a warning; a binary file is refused
     if not text:
         raise EloError(f"evaluation text {path} is empty")
     if max_chars and len(text) > max_chars:
@@ -73,6 +73,15 @@ def bits_per_char(model: PreTrainedModel, tokenizer, text: str, seq_len: int = 2
     }
 
 
+def check_eval_settings(seq_len: int, batch_size: int, max_chars: int = 0) -> None:
+    """Refuse evaluation settings that cannot work, before a model is loaded."""
+    config.check_seq_len(seq_len)
+    if batch_size < 1:
+        raise EloError(f"--batch-size must be at least 1, not {batch_size}")
+    if max_chars < 0:
+        raise EloError(f"--max-chars must be >= 0 (0 uses all of each text), not {max_chars}")
+
+
 def parse_texts(specs: list[str]) -> dict[str, Path]:
     """Parse `LANG=PATH` pairs."""
     texts = {}
@@ -87,10 +96,11 @@ def parse_texts(specs: list[str]) -> dict[str, Path]:
 def load_for_eval(path: str | Path, tokenizer=None) -> tuple[PreTrainedModel, object]:
     """A model folder loaded for evaluation (safetensors only), on the GPU when there is one, and its tokenizer."""
     path = checkpoint.require_model_dir(path)
+    tokenizer = tokenizer or checkpoint.load_tokenizer(path)  # first: a missing tokenizer fails before the model loads
     model = checkpoint.load_model(path)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    return model.eval(), tokenizer or checkpoint.load_tokenizer(path)
+    return model.eval(), tokenizer
 
 
 def evaluate(
@@ -104,6 +114,7 @@ def evaluate(
     """Bits/char per language of a model folder or an in-memory model on held-out texts."""
     if not texts:
         raise EloError("no evaluation text given; pass --text LANG=PATH")
+    check_eval_settings(seq_len, batch_size, max_chars)
     loaded = {lang: read_eval_text(path, max_chars) for lang, path in texts.items()}
     if not isinstance(model, PreTrainedModel):
         model, tokenizer = load_for_eval(model, tokenizer)

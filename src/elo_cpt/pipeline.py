@@ -220,6 +220,7 @@ def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dic
     already complete, else None."""
     metrics_path = out / "metrics.json"
     config_path = out / "config.yaml"
+    checkpoint.check_output(out)  # not a file, and writable: before any model is read
     if config_path.is_file():
         if not same_config(yaml.safe_load(config_path.read_text()), resolved):
             raise EloError(f"{out} holds a run with another configuration; choose another --out or delete it")
@@ -234,7 +235,12 @@ def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dic
     elif out.exists() and any(out.iterdir()):
         raise EloError(f"{out} exists and is not an elo run folder; choose another --out")
     # a hub id is fetched here, once, with every shard: the write-back copies the whole base model
-    n_layers = surgery.num_layers(AutoConfig.from_pretrained(checkpoint.require_model_dir(cfg.model)))
+    model_dir = checkpoint.require_model_dir(cfg.model)
+    n_layers = surgery.num_layers(AutoConfig.from_pretrained(model_dir))
+    checkpoint.load_tokenizer(cfg.model)  # a model folder without a tokenizer fails here, not after the data is built
+    # the merged and the final model are full copies of the base (the shallow ones and the data are far smaller)
+    copies = sum(not (out / part).is_dir() for part in ("stages/merged", "model"))
+    checkpoint.check_output(out, needed_bytes=copies * checkpoint.folder_bytes(model_dir))
     surgery.resolve_layers(cfg.layers, n_layers)
     if cfg.stage1.frozen_layers:
         surgery.resolve_layers(cfg.stage1.frozen_layers, n_layers)
@@ -245,27 +251,43 @@ def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dic
     if not (data_dir / "summary.json").is_file():
         log("[1/6] preparing the stage-1 and alignment mixtures")
         # built beside the run folder and moved in when complete: bad corpora leave no output
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for leftover in out.parent.glob(f".{out.name}.data.*"):  # of a run killed while it built the mixtures
-            shutil.rmtree(leftover, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.data.", dir=out.parent))
-        try:
-            summary = write_mixtures(cfg, staging)
-            for lang, path in cfg.data.eval.items():  # held-out scores mean nothing if the text was trained on
-                summary.setdefault("eval_overlap", {})[lang] = data.check_no_overlap(
-                    (d for part in ("stage1", "align") if (staging / f"{part}.jsonl").is_file()
-                     for d in corpus.iter_documents(staging / f"{part}.jsonl")),
-                    evaluation.read_eval_text(path, cfg.eval.max_chars), name=f"held-out {lang} text {path}")
-            checkpoint.write_json(staging / "summary.json", summary)
-            out.mkdir(parents=True, exist_ok=True)
-            # the config first: a run interrupted before the move is then resumed (and rebuilds its data)
-            config_path.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
-            shutil.rmtree(data_dir, ignore_errors=True)  # a leftover of an interrupted move
-            staging.rename(data_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    config_path.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+        with checkpoint.new_parents(out):  # parent folders made for the run are removed if this step fails
+            build_data(cfg, out, resolved)
+    write_config(config_path, resolved)
     return None
+
+
+def build_data(cfg: RunConfig, out: Path, resolved: dict) -> None:
+    """Build the mixtures beside the run folder and move them in, with the config, when complete: bad corpora or a
+    full disk leave no output (and no run folder, if this call made it)."""
+    data_dir, config_path = out / "data", out / "config.yaml"
+    for leftover in out.parent.glob(f".{out.name}.data.*"):  # of a run killed while it built the mixtures
+        shutil.rmtree(leftover, ignore_errors=True)
+    made = not out.exists()
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.data.", dir=out.parent))
+    try:
+        summary = write_mixtures(cfg, staging)
+        for lang, path in cfg.data.eval.items():  # held-out scores mean nothing if the text was trained on
+            summary.setdefault("eval_overlap", {})[lang] = data.check_no_overlap(
+                (d for part in ("stage1", "align") if (staging / f"{part}.jsonl").is_file()
+                 for d in corpus.iter_documents(staging / f"{part}.jsonl")),
+                evaluation.read_eval_text(path, cfg.eval.max_chars), name=f"held-out {lang} text {path}")
+        checkpoint.write_json(staging / "summary.json", summary)
+        out.mkdir(parents=True, exist_ok=True)
+        # the config first: a run interrupted before the move is then resumed (and rebuilds its data)
+        write_config(config_path, resolved)
+        shutil.rmtree(data_dir, ignore_errors=True)  # a leftover of an interrupted move
+        staging.rename(data_dir)
+    except Exception:  # an error, not an interruption: a run folder this call made holds nothing finished
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_config(path: Path, resolved: dict) -> None:
+    checkpoint.write_text(path, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
 
 
 def detach_step(cfg: RunConfig, stage1_data: Path, shallow: Path, timings: Timings) -> None:

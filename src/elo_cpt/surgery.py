@@ -254,7 +254,11 @@ def _dominant_dtype(tensors) -> torch.dtype:
 def detach(base_dir: str | Path, layers_spec: str, out: str | Path, overwrite: bool = False, frozen_layers: str = "") -> Path:
     """Write the shallow model made of `layers_spec` (plus the untrained `frozen_layers`) of `base_dir` as a Hugging
     Face folder at `out`."""
+    checkpoint.check_output(out, overwrite=overwrite)
     model, provenance = build_shallow(base_dir, layers_spec, frozen_layers)
+    # what save_pretrained will write, from the tensors' sizes (a tied head is counted once)
+    size = sum(t.numel() * t.element_size() for t in {p.data_ptr(): p for p in model.state_dict().values()}.values())
+    checkpoint.check_output(out, overwrite=overwrite, needed_bytes=size)
     with checkpoint.atomic_output(out, overwrite=overwrite) as staging:
         save_shallow(model, provenance, Path(provenance["base_model"]), staging)  # the folder a hub id resolved to
     return Path(out)
@@ -274,8 +278,10 @@ def merge(base_dir: str | Path, shallow_dir: str | Path, out: str | Path, overwr
     from the shallow model and cast to the base's dtype: peak memory is about one tensor. The shard layout,
     index, config and tokenizer are carried over.
     """
+    checkpoint.check_output(out, overwrite=overwrite)
     base_dir = checkpoint.require_model_dir(base_dir)
     shallow_dir = checkpoint.require_model_dir(shallow_dir)
+    checkpoint.check_output(out, overwrite=overwrite, needed_bytes=checkpoint.folder_bytes(base_dir))  # a full copy
     provenance = checkpoint.read_provenance(shallow_dir)
     to_base = trained_tensor_map(provenance, list(checkpoint.tensor_locations(shallow_dir)))
     originals = _check_same_base(base_dir, shallow_dir, provenance, set(to_base.values()))

@@ -24,8 +24,8 @@ from transformers import AutoConfig, PreTrainedModel
 
 from elo_cpt import checkpoint, data, distributed, surgery
 from elo_cpt import precision as precision_mod
-from elo_cpt.config import AUTO, TrainConfig, bridge_token_count, validate_train
-from elo_cpt.engine import StageStats, run_trainer
+from elo_cpt.config import AUTO, TrainConfig, bridge_token_count, check_seq_len, validate_train
+from elo_cpt.engine import StageStats, last_complete_checkpoint, run_trainer
 from elo_cpt.errors import EloError
 from elo_cpt.stageclock import CLOCK_FILE
 
@@ -50,7 +50,15 @@ def stage_output(out: str | Path) -> Iterator[tuple[Path, bool]]:
     """
     main = distributed.is_main()
     if main:
-        with checkpoint.atomic_output(out, keep_partial=True) as staging:
+        fresh = not checkpoint.staging_path(Path(out)).exists()
+
+        def keep(err: BaseException) -> bool:
+            # An interruption, or a failure after a checkpoint, is resumed by rerunning; an error in a stage this
+            # invocation started, before any checkpoint, leaves nothing behind.
+            staging = checkpoint.staging_path(Path(out))
+            return not fresh or not isinstance(err, Exception) or last_complete_checkpoint(staging / "checkpoints") is not None
+
+        with checkpoint.atomic_output(out, keep_partial=keep) as staging:
             yield staging, True
     else:
         yield checkpoint.staging_path(Path(out)), False
@@ -75,7 +83,8 @@ def _run_stage(
     Under FSDP or DeepSpeed the parameters are sharded across processes, so the model is gathered and saved with
     Trainer's own `save_model` on every process instead of `save`.
     """
-    validate_train(cfg)
+    validate_train(cfg, seq_len)
+    checkpoint.check_output(out, overwrite=False)  # a rerun resumes from OUT.partial; a finished OUT is not overwritten
     # fp32 master weights except in bf16-true; the result is saved in the dtype the input was stored in
     weights_dtype = torch.bfloat16 if precision_mod.resolve(cfg.precision) == "bf16-true" else torch.float32
     stored_dtype = checkpoint.stored_dtype(model_dir)
@@ -152,6 +161,7 @@ def bridge(shallow_dir: str | Path, sources: list[str], tokens: int | str = AUTO
     """Fit the least-squares bridges for the layers a shallow model removed (`surgery.fit_bridges`) on the first
     `tokens` of `sources` (`auto`: max(4096, 4 x hidden size), at most `max_tokens`) and store them in its folder,
     where `pretrain` applies them. Needs the base model the shallow one was detached from; returns the tokens used."""
+    check_seq_len(seq_len)
     shallow_dir = checkpoint.require_model_dir(shallow_dir)
     base = checkpoint.read_provenance(shallow_dir)["base_model"]
     count = bridge_token_count(tokens, AutoConfig.from_pretrained(shallow_dir).get_text_config().hidden_size)
