@@ -210,3 +210,25 @@ def test_cli_end_to_end(tmp_path, capsys):
     other = tmp_path / "other"
     assert json.loads((other / PROVENANCE).read_text())["skipped_tensors"] == ["model.embed_tokens.weight"]
     assert torch.equal(weights(other)["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
+
+
+def test_hub_ids_from_the_cache(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+    from test_hub import COMMIT, cache_model
+
+    base, instruct, target = trio(tmp_path, "llama")
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)  # so `org/...` is not a local path
+    cache_model(cache, "org/base", base)
+    cache_model(cache, "org/instruct", instruct)
+    out = chat_vector(target, "org/base", f"org/instruct@{COMMIT}", tmp_path / "out")
+    provenance = json.loads((out / PROVENANCE).read_text())
+    assert provenance["base"]["model"] == "org/base" and provenance["base"]["hub"] == {"repo": "org/base", "commit": COMMIT}
+    assert provenance["instruct"]["hub"]["repo"] == "org/instruct" and "hub" not in provenance["target"]
+    capsys.readouterr()
+    assert cli.main(["chat-vector", str(target), "--base", "org/missing", "--instruct", "org/instruct", "--out", "other"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "org/missing is not in the Hugging Face cache" in error
+    assert not (tmp_path / "other").exists()
