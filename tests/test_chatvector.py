@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -232,3 +235,35 @@ def test_hub_ids_from_the_cache(tmp_path, monkeypatch, capsys):
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "org/missing is not in the Hugging Face cache" in error
     assert not (tmp_path / "other").exists()
+
+
+#: The child's own peak (VmHWM starts afresh at exec; ru_maxrss would carry over the parent's peak from the fork).
+_PEAK = """
+import re, sys, elo_cpt
+elo_cpt.chat_vector(*sys.argv[1:5])
+print(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="reads peak memory from /proc")
+def test_memory_does_not_grow_with_the_model(tmp_path):
+    """Streamed: the peak memory of a trio of 8 tensors of 64 MiB is that of a trio of 2 (holding one whole model
+    would add 384 MiB, three models over 1 GiB). Tensors above glibc's largest mmap threshold (32 MiB) go back to
+    the system when freed, so the peak does not depend on how the allocator reuses memory."""
+    peaks = {}
+    for count in (2, 8):
+        paths = []
+        for seed, role in enumerate(("base", "instruct", "target")):
+            path = save_tiny_model(tmp_path / f"{role}{count}", "llama", num_layers=1, seed=seed)
+            generator = torch.Generator().manual_seed(seed)
+            save_file({f"extra.{k}": torch.randn(4096, 4096, generator=generator) for k in range(count)},
+                      path / checkpoint.SAFETENSORS_SINGLE, metadata={"format": "pt"})
+            paths.append(path)
+        base, instruct, target = paths
+        result = subprocess.run([sys.executable, "-c", _PEAK, str(target), str(base), str(instruct), str(tmp_path / f"out{count}")],
+                                capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        peaks[count] = int(result.stdout.split()[-1]) / 1024
+        for path in (*paths, tmp_path / f"out{count}"):
+            shutil.rmtree(path)
+    assert peaks[8] - peaks[2] < 128, peaks
