@@ -70,6 +70,9 @@ def chat_vector(target: str | Path, base: str | Path, instruct: str | Path, out:
     embeddings, heads = vocabulary_tensors(dirs["target"], set(headers["target"]))
     vocab = set(embeddings) | set(heads)
     _check_match(headers, dirs, vocab)
+    if skipped_parts and not embeddings:
+        raise EloError(f"cannot find the token embedding among the tensors of {dirs['target']}, so --skip cannot keep it; "
+                       "run without --skip")
     tied = not heads  # no head tensor in the file: the embedding is the head too
     skip_names = set(embeddings) if ("embeddings" in skipped_parts or (tied and "head" in skipped_parts)) else set()
     skip_names |= set(heads) if "head" in skipped_parts else set()
