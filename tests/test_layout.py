@@ -13,7 +13,7 @@ PACKAGE = Path(elo_cpt.__file__).parent
 LEVELS = {
     0: {"errors", "config", "checkpoint", "costmodel", "assets", "textformats", "report", "report_figures",
         "study_report", "samples", "precision", "hub", "distributed"},
-    1: {"corpus", "tokencache", "data", "surgery", "stageclock"},
+    1: {"corpus", "tokencache", "data", "surgery", "stageclock", "chatvector"},
     2: {"engine", "train", "evaluation", "lmeval"},
     3: {"pipeline", "study", "bench"},
     4: {"cli", "__init__", "__main__"},

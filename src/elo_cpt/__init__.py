@@ -7,6 +7,7 @@ The Python API mirrors the `elo` command one to one:
     elo bridge    -> bridge(shallow, data, tokens="auto")
     elo pretrain  -> pretrain(shallow, data, out, ...)
     elo merge     -> merge(base, shallow, out)
+    elo chat-vector -> chat_vector(target, base, instruct, out, scale=1.0, skip=())
     elo align     -> align(model, data, out, ...)
     elo finetune  -> finetune(model, data, out, ..., method=fft|freeze|lora)
     elo eval      -> evaluate(model, {lang: path}, ...) and evaluate_tasks(model, "task1,task2", ...)
@@ -32,6 +33,7 @@ _API = {
     "run": ("elo_cpt.pipeline", "run"),
     "detach": ("elo_cpt.surgery", "detach"),
     "merge": ("elo_cpt.surgery", "merge"),
+    "chat_vector": ("elo_cpt.chatvector", "chat_vector"),
     "align": ("elo_cpt.train", "align"),
     "finetune": ("elo_cpt.train", "finetune"),
     "pretrain": ("elo_cpt.train", "pretrain"),

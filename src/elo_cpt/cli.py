@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("shallow", help="the trained shallow model folder (from `elo pretrain`)")
     merge.add_argument("--out", required=True, help="output model folder (written when complete)")
 
+    chat = sub.add_parser("chat-vector", help="stage 3's start: TARGET + scale x (INSTRUCT - BASE), streamed tensor by tensor")
+    chat.add_argument("target", help="the adapted model (e.g. runs/default/model), whose config and tokenizer the output keeps")
+    chat.add_argument("--base", required=True, help="the official base model the Instruct model was tuned from (folder or hub id)")
+    chat.add_argument("--instruct", required=True, help="the official Instruct model (folder or hub id)")
+    chat.add_argument("--out", required=True)
+    chat.add_argument("--scale", type=float, default=1.0, help="multiplies the chat vector (default 1.0)")
+    chat.add_argument("--skip", default="", metavar="embeddings,head", help="keep these tensors as TARGET's (default: none)")
+
     align = sub.add_parser("align", help="alignment: full fine-tuning of a (merged) model")
     align.add_argument("model")
     _add_training_options(align, lr=5e-5)
@@ -257,6 +265,8 @@ def dispatch(args: argparse.Namespace) -> None:
         print(_trained(stats, args.out))
     elif args.command == "merge":
         print(api.merge(args.base, args.shallow, args.out))
+    elif args.command == "chat-vector":
+        print(api.chat_vector(args.target, args.base, args.instruct, args.out, args.scale, args.skip))
     elif args.command == "align":
         stats = api.align(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed)
         print(_trained(stats, args.out))
