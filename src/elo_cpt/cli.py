@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("target", help="the adapted model (e.g. runs/default/model), whose config and tokenizer the output keeps")
     chat.add_argument("--base", required=True, help="the official base model the Instruct model was tuned from (folder or hub id)")
     chat.add_argument("--instruct", required=True, help="the official Instruct model (folder or hub id)")
-    chat.add_argument("--out", required=True)
+    chat.add_argument("--out", required=True, help="output model folder (written when complete)")
     chat.add_argument("--scale", type=float, default=1.0, help="multiplies the chat vector (default 1.0)")
     chat.add_argument("--skip", default="", metavar="embeddings,head", help="keep these tensors as TARGET's (default: none)")
 
