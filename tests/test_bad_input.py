@@ -21,7 +21,7 @@ import torch
 from conftest import TEXT, make_tokenizer, save_tiny_model
 from elo_cpt import cli, surgery
 
-GOOD_RUN = ["data.english=[]", "seq_len=32", "stage1.tokens=1600", "stage1.batch_size=2", "align.batch_size=2"]
+GOOD_RUN = ["data.english=[]", "data.english_share=0", "seq_len=32", "stage1.tokens=1600", "stage1.batch_size=2", "align.batch_size=2"]
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +174,8 @@ CASES = {
     "eval-json-under-a-file": (["eval", "{m}/good", "--text", "de={txt}", "--json", "{w}/afile/eval.json"], "is a file, not a folder"),
     "eval-json-disk-full": (["eval", "{m}/good", "--text", "de={txt}", "--json", "{full}/eval.json"], "No space left on device"),
     # run
+    "run-no-replay-corpus": (["run", "model={m}/good", "data.target=[{m}/train.jsonl]", "data.eval={{de: {txt}}}",
+                             "--out", "{w}/out"], "data.target is given without data.english"),
     "run-stage1-tokens-0": (["run", "model={m}/good", "data.target=[{m}/train.jsonl]", "data.eval={{de: {txt}}}", *GOOD_RUN,
                              "stage1.tokens=0", "--out", "{w}/out"], "stage1.tokens must be >= 1"),
     "run-out-is-a-file": (["run", "model={m}/good", "data.target=[{m}/train.jsonl]", "data.eval={{de: {txt}}}", *GOOD_RUN,

@@ -73,3 +73,10 @@ def test_bad_precision_and_optimizer(override, message):
     with pytest.raises(EloError, match=message):
         config.load_config(None, [override])
     assert config.load_config(None, ["align.tokens=0"]).align.tokens == 0  # no alignment is allowed
+
+
+def test_differences_name_each_changed_setting():
+    old = config.to_dict(config.load_config(None, ["stage1.lr=1e-5"]))
+    new = config.to_dict(config.load_config(None, ["stage1.lr=2e-5", "data.eval={de: a.txt}"]))
+    assert config.differences(old, new) == ["data.eval: {} -> {'de': 'a.txt'}", "stage1.lr: 1e-05 -> 2e-05"]
+    assert config.differences(old, old) == []

@@ -48,7 +48,7 @@ def test_pipeline_on_a_tiny_model(tiny_model, corpora, tmp_path, capsys):
     assert "bits/char" in capsys.readouterr().out
     # A rerun of a finished run is a no-op; another configuration in the same folder is refused.
     assert pipeline.run(cfg, run) == metrics
-    with pytest.raises(EloError, match="another configuration"):
+    with pytest.raises(EloError, match=r"another configuration \(layers: '0,-1' -> '0,1'\)"):
         pipeline.run(tiny_run_config(tiny_model, corpora, "layers=0,1"), run)
 
 

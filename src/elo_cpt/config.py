@@ -115,7 +115,8 @@ class DataConfig:
     english: list[str] = field(default_factory=list)
     """English replay corpora, same formats."""
     english_share: float = 0.1
-    """Share of English in the training mixture, by UTF-8 bytes (the paper: English:target = 1:9)."""
+    """Share of English in the training mixture, by UTF-8 bytes (the paper: English:target = 1:9). With data.target
+    given, data.english must be too unless this is 0, which trains on target text only."""
     align_holdout: float = 0.1
     """Fraction of each corpus's documents (its tail) reserved for alignment, so the two stages never share text."""
     eval: dict[str, str] = field(default_factory=dict)
@@ -359,6 +360,24 @@ def validate(config: RunConfig) -> None:
 
 def to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
+
+
+def flatten(values: dict) -> dict:
+    """A config dict with its sections as dotted keys, one level deep ({"stage1": {"lr": 1e-5}} -> {"stage1.lr": 1e-5});
+    settings whose values are dicts (data.eval) stay whole."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every setting two (nested) config dicts disagree on, in key order."""
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def bridge_token_count(setting: int | str, hidden_size: int) -> int:

@@ -49,7 +49,10 @@ def resolve_defaults(cfg: RunConfig) -> RunConfig:
     if cfg.data.target and not cfg.data.eval:
         raise EloError("data.eval is empty; give held-out text per language, e.g. data.eval={ko: held_out_ko.txt, en: held_out_en.txt}")
     if cfg.data.target and not cfg.data.english and cfg.data.english_share > 0:
-        log("no English replay corpus given (data.english): stage 1 trains on target text only")
+        # a replay that silently vanished would change the method (the paper mixes English:target 1:9)
+        raise EloError(f"data.target is given without data.english, the English replay mixed in at "
+                       f"data.english_share={cfg.data.english_share}; give data.english=[...], or set "
+                       "data.english_share=0 to train on target text only")
     if cfg.model and cfg.data.target:
         return cfg
     default = assets.prepare_assets()
@@ -167,13 +170,14 @@ def make_shallow(cfg: RunConfig, stage1_data: Path, shallow: Path) -> None:
         log(f"bridges fitted on {used:,} stage-1 tokens")
 
 
-def same_config(recorded: dict, resolved: dict) -> bool:
-    """Whether a run folder's recorded config is `resolved`, read through the dataclasses so that a setting added
-    to elo-cpt since the run started takes its default instead of counting as a difference."""
+def config_changes(recorded: dict, resolved: dict) -> str:
+    """What differs between a run folder's recorded config and `resolved`, e.g. `stage1.lr: 1.5e-05 -> 1e-05`; empty
+    when nothing does. The record is read through the dataclasses, so a setting added to elo-cpt since the run
+    started takes its default instead of counting as a difference."""
     try:
-        return config_mod.to_dict(config_mod.from_dict(recorded)) == resolved
-    except EloError:
-        return False
+        return "; ".join(config_mod.differences(config_mod.to_dict(config_mod.from_dict(recorded)), resolved))
+    except EloError as err:
+        return f"its config.yaml no longer loads: {err}"
 
 
 def run(cfg: RunConfig, out: str | Path) -> dict:
@@ -222,8 +226,9 @@ def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dic
     config_path = out / "config.yaml"
     checkpoint.check_output(out)  # not a file, and writable: before any model is read
     if config_path.is_file():
-        if not same_config(yaml.safe_load(config_path.read_text()), resolved):
-            raise EloError(f"{out} holds a run with another configuration; choose another --out or delete it")
+        changes = config_changes(yaml.safe_load(config_path.read_text()), resolved)
+        if changes:
+            raise EloError(f"{out} holds a run with another configuration ({changes}); choose another --out or delete it")
         if metrics_path.is_file():
             log(f"{out} is already complete")
             metrics = json.loads(metrics_path.read_text())

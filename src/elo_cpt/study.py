@@ -261,21 +261,10 @@ _RESULT_NEUTRAL = {f"{stage}.{key}" for stage in ("stage1", "align") for key in 
     "eval.batch_size", "eval.sample_tokens", "eval.prompts", "eval.english_tolerance_pct"}
 
 
-def _flat(config: RunConfig) -> dict:
-    """A RunConfig as `section.key` -> value (its sections are one level deep)."""
-    flat = {}
-    for key, value in config_mod.to_dict(config).items():
-        if dataclasses.is_dataclass(getattr(config, key)):
-            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
-
-
 def _record(parsed: Study, cell: Cell, cell_plan: dict) -> dict:
     """What `cells/NAME/cell.json` records: the cell as written, its whole resolved config (so a changed `run`
     section or a changed default is noticed too, not only a changed cell) and its budget."""
-    resolved = _flat(cell_config(parsed, cell))
+    resolved = config_mod.flatten(config_mod.to_dict(cell_config(parsed, cell)))
     config = {k: v for k, v in resolved.items() if k not in _RESULT_NEUTRAL}
     return {"cell": dataclasses.asdict(cell), "config": config, "plan": cell_plan}
 
