@@ -33,8 +33,8 @@ from pathlib import Path
 import yaml
 from transformers import AutoConfig
 
-from elo_cpt import (assets, checkpoint, config as config_mod, corpus, data, distributed, evaluation, lmeval, report, samples,
-                     surgery, train)
+from elo_cpt import (assets, checkpoint, config as config_mod, corpus, data, distributed, evaluation, lmeval, modelcard,
+                     report, samples, surgery, train)
 from elo_cpt.config import RunConfig
 from elo_cpt.errors import EloError
 
@@ -341,6 +341,7 @@ def finish_run(cfg: RunConfig, out: Path, resolved: dict, data_summary: dict, ti
         "this_invocation_seconds": round(time.perf_counter() - started, 1),
     }
     metrics["forgetting"] = report.forgetting(metrics)
+    checkpoint.write_text(model_dir / "README.md", modelcard.model_card(metrics))  # the model card, for sharing it
     checkpoint.write_json(out / "metrics.json", metrics)
     print(report.summary(metrics))
     print_report(out)
