@@ -64,6 +64,9 @@ def test_bad_input_gives_one_line_error_and_no_output(tiny_model, tmp_path, args
 def test_show_config_lists_documented_keys():
     result = elo("run", "--show-config")
     assert result.returncode == 0 and "stage1.lr = 1.5e-05" in result.stdout
+    assert "align.tokens = None\n    Alignment tokens; None takes token_ratio x stage1.tokens." in result.stdout
+    result = elo("run", "stage1.lr=1e-5", "--show-config")
+    assert result.returncode == 0 and "stage1.lr = 1e-05" in result.stdout
 
 
 @pytest.mark.parametrize("spec", ["-2:", "-1,3", "-1", "-3:-1", "0,-1"])

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the whole pipeline (stage 1, write-back, alignment, evaluation)")
     run.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="optional YAML config, then overrides such as stage1.lr=1e-5")
     run.add_argument("--out", default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT}); rerunning resumes it")
-    run.add_argument("--show-config", action="store_true", help="list every config key with its default and meaning, then exit")
+    run.add_argument("--show-config", action="store_true", help="list every config key with its value (after CONFIG.yaml and the overrides) and meaning, then exit")
 
     detach = sub.add_parser("detach", help="cut the shallow model (selected layers only) out of a model")
     detach.add_argument("model", help="Hugging Face model folder")
@@ -247,13 +247,14 @@ def dispatch(args: argparse.Namespace) -> None:
     import elo_cpt as api
 
     if args.command == "run":
-        if args.show_config:
-            for key, default, doc in api.describe_config():
-                print(f"{key} = {default}\n    {doc}")
-            return
         config_file = args.args[0] if args.args and "=" not in args.args[0] else None
         overrides = args.args[1:] if config_file else args.args
-        api.run(api.load_config(config_file, overrides), args.out)
+        cfg = api.load_config(config_file, overrides)
+        if args.show_config:  # the config as resolved from the file and the overrides
+            for key, value, doc in api.describe_config(cfg):
+                print(f"{key} = {value}\n    {doc}")
+            return
+        api.run(cfg, args.out)
     elif args.command == "detach":
         print(api.detach(args.model, args.layers, args.out, frozen_layers=args.frozen_layers))
     elif args.command == "bridge":

@@ -97,6 +97,8 @@ class Stage1Config(TrainConfig):
 class AlignConfig(TrainConfig):
     """ELO alignment: full fine-tuning of the merged model on a small, disjoint bilingual set."""
 
+    tokens: int | None = None
+    """Alignment tokens; None takes token_ratio x stage1.tokens."""
     token_ratio: float = 0.1
     """Alignment tokens as a fraction of stage-1 tokens (the paper: about 1 GB after 9 GB); used when tokens is None."""
     lr: float = 5e-5
@@ -183,15 +185,15 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, docstring) for every setting, for help output."""
+def describe(config: object | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, value, docstring) for every setting of `config` (default: the defaults), for help output."""
+    config = RunConfig() if config is None else config
     rows = []
-    docs = _field_docs(cls)
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        value = getattr(defaults, f.name)
+    docs = _field_docs(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
-            rows.extend(describe(type(value), f"{prefix}{f.name}."))
+            rows.extend(describe(value, f"{prefix}{f.name}."))
         else:
             rows.append((f"{prefix}{f.name}", repr(value), docs.get(f.name, "")))
     return rows
