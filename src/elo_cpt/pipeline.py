@@ -21,6 +21,7 @@ import contextlib
 import functools
 import gc
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -270,6 +271,9 @@ def build_data(cfg: RunConfig, out: Path, resolved: dict) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
     made = not out.exists()
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.data.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); data/ gets the mode of any folder made here
     try:
         summary = write_mixtures(cfg, staging)
         for lang, path in cfg.data.eval.items():  # held-out scores mean nothing if the text was trained on
