@@ -53,6 +53,12 @@ def test_pipeline_on_a_tiny_model(tiny_model, corpora, tmp_path, capsys):
     assert pipeline.run(cfg, run) == metrics
     with pytest.raises(EloError, match=r"another configuration \(layers: '0,-1' -> '0,1'\)"):
         pipeline.run(tiny_run_config(tiny_model, corpora, "layers=0,1"), run)
+    # Evaluation settings alone may change: the trained models stay, their evaluation is redone.
+    stage1_weights = (run / "stages" / "stage1" / "model.safetensors").stat().st_mtime_ns
+    again = pipeline.run(tiny_run_config(tiny_model, corpora, "eval.max_chars=500"), run)
+    assert again["eval"]["final"]["de"]["chars"] <= 500 < metrics["eval"]["final"]["de"]["chars"]
+    assert (run / "stages" / "stage1" / "model.safetensors").stat().st_mtime_ns == stage1_weights
+    assert again["config"]["eval"]["max_chars"] == 500 and (run / "report.html").is_file()
 
 
 def test_held_out_text_seen_in_training_is_reported(tiny_model, corpora, tmp_path, capsys):

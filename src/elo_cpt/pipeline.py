@@ -171,14 +171,14 @@ def make_shallow(cfg: RunConfig, stage1_data: Path, shallow: Path) -> None:
         log(f"bridges fitted on {used:,} stage-1 tokens")
 
 
-def config_changes(recorded: dict, resolved: dict) -> str:
+def config_changes(recorded: dict, resolved: dict) -> list[str]:
     """What differs between a run folder's recorded config and `resolved`, e.g. `stage1.lr: 1.5e-05 -> 1e-05`; empty
     when nothing does. The record is read through the dataclasses, so a setting added to elo-cpt since the run
     started takes its default instead of counting as a difference."""
     try:
-        return "; ".join(config_mod.differences(config_mod.to_dict(config_mod.from_dict(recorded)), resolved))
+        return config_mod.differences(config_mod.to_dict(config_mod.from_dict(recorded)), resolved)
     except EloError as err:
-        return f"its config.yaml no longer loads: {err}"
+        return [f"its config.yaml no longer loads: {err}"]
 
 
 def run(cfg: RunConfig, out: str | Path) -> dict:
@@ -228,8 +228,16 @@ def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dic
     checkpoint.check_output(out)  # not a file, and writable: before any model is read
     if config_path.is_file():
         changes = config_changes(yaml.safe_load(config_path.read_text()), resolved)
-        if changes:
-            raise EloError(f"{out} holds a run with another configuration ({changes}); choose another --out or delete it")
+        if changes and all(change.startswith("eval.") for change in changes):
+            # only evaluation changed: the trained models stand, their evaluation and the report are redone
+            log(f"evaluating {out} again: {'; '.join(changes)}")
+            for stale in (out / "eval", out / report.FILES_DIR):
+                shutil.rmtree(stale, ignore_errors=True)
+            for stale in (metrics_path, out / report.HTML_FILE, out / report.MD_FILE):
+                stale.unlink(missing_ok=True)
+        elif changes:
+            raise EloError(f"{out} holds a run with another configuration ({'; '.join(changes)}); choose another --out "
+                           "or delete it (settings under eval. alone can change: the run is then evaluated again)")
         if metrics_path.is_file():
             log(f"{out} is already complete")
             metrics = json.loads(metrics_path.read_text())
