@@ -47,6 +47,8 @@ def test_pipeline_on_a_tiny_model(tiny_model, corpora, tmp_path, capsys):
     assert stage1 and aligned and not stage1 & aligned
     assert "bits/char" in capsys.readouterr().out
     assert (run / "data").stat().st_mode & 0o777 == (run / "model").stat().st_mode & 0o777  # not mkdtemp's 0700
+    assert not {"logs", "loss.png", "training_stats.json"} & {p.name for p in (run / "model").iterdir()}
+    assert (run / "stages" / "align" / "loss.png").is_file() and (run / "stages" / "align" / "logs").is_dir()
     card = (run / "model" / "README.md").read_text()
     assert card.startswith("---\nlanguage:\n- de\n- en\n") and "| base model |" in card and "| ELO final (after alignment) |" in card
     # A rerun of a finished run is a no-op; another configuration in the same folder is refused.

@@ -4,6 +4,7 @@
     OUT/data/                the stage-1 and alignment mixtures actually trained on, and their summary
     OUT/stages/stage1/       the trained shallow model (a Hugging Face folder plus provenance)
     OUT/stages/merged/       the base model with the trained layers written back
+    OUT/stages/align/        the alignment's training stats, loss plot and TensorBoard logs
     OUT/model/               the final, aligned model: a standard Hugging Face folder
     OUT/eval/                bits/char per language, generation samples and lm-eval scores of the base, merged and
                              final models (one JSON file each, so a resumed run skips what it has)
@@ -331,15 +332,22 @@ def copy_merged(merged: Path, model_dir: Path) -> None:
 def finish_run(cfg: RunConfig, out: Path, resolved: dict, data_summary: dict, timings: Timings,
                task_manager: lmeval.TaskManager | None, started: float) -> dict:
     """Evaluate the base, merged and final models, then write metrics.json and the report."""
-    log("[6/6] evaluating: bits/char on held-out text, generation samples" + (", lm-eval tasks" if cfg.eval.tasks else ""))
     stage1, merged, model_dir = out / "stages" / "stage1", out / "stages" / "merged", out / "model"
+    align_record = out / "stages" / "align"
+    # the final model folder holds the model alone, ready to share; the alignment's logs and stats go with its stage
+    for name in (train.STATS_FILE, "loss.png", "logs"):
+        if (model_dir / name).exists():
+            align_record.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(align_record / name, ignore_errors=True)
+            (model_dir / name).rename(align_record / name)
+    log("[6/6] evaluating: bits/char on held-out text, generation samples" + (", lm-eval tasks" if cfg.eval.tasks else ""))
     results, samples_out, benchmarks = {}, {}, {}
     for name, path in (("base", cfg.model), ("merged", merged), ("final", model_dir)):
         results[name], samples_out[name], scored = evaluate_model(cfg, name, path, out / "eval", timings, task_manager)
         if scored is not None:
             benchmarks[name] = scored
     stages = {name: {"seconds": seconds} for name, seconds in timings.seconds.items()}
-    for name, folder in (("stage1", stage1), ("align", model_dir)):
+    for name, folder in (("stage1", stage1), ("align", align_record)):
         if (folder / train.STATS_FILE).is_file():
             stages[name]["training"] = json.loads((folder / train.STATS_FILE).read_text())
     metrics = {
