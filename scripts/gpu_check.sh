@@ -41,7 +41,7 @@ run_rc=${PIPESTATUS[0]}
 run_seconds=$(( $(date +%s) - start ))
 
 # 3. tokens/s and peak memory of an 8B shape, ELO stage 1 against full fine-tuning, bf16-mixed
-timeout 240 .venv/bin/elo bench llama-3.1-8b --methods elo,fft --precision bf16-mixed --batch 1 --seq 2048 \
+timeout 240 .venv/bin/elo bench llama-3.1-8b --methods elo,fft --precision bf16-mixed --batch-size 1 --seq-len 2048 \
     --steps 3 --json "$OUT/bench-8b.json" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 

@@ -87,3 +87,10 @@ def test_elo_detach_with_a_negative_range(tiny_model, tmp_path, capsys):
     assert cli.main(["detach", str(tiny_model), "--layers", "-2:", "--frozen-layers", "-4,-3", "--out", str(tmp_path / "shallow")]) == 0
     provenance = json.loads((tmp_path / "shallow" / checkpoint.PROVENANCE).read_text())
     assert provenance["layers"] == [1, 2, 3, 4] and provenance["trained_layers"] == [3, 4]
+
+
+def test_bench_takes_the_training_commands_option_names():
+    parser = cli.build_parser()
+    for flags in (["--batch-size", "2", "--seq-len", "8"], ["--batch", "2", "--seq", "8"]):
+        args = parser.parse_args(["bench", "smollm2-135m", *flags])
+        assert (args.batch, args.seq) == (2, 8)
