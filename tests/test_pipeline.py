@@ -167,3 +167,14 @@ def test_default_pipeline_on_smollm2_improves_german(tmp_path):
     # The held-out GNOME help pages share no paragraph with the training text.
     assert metrics["data"]["eval_overlap"] == {"de": 0, "en": 0}
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+
+
+def test_the_replay_language_labels_the_mixture_and_the_forgetting_check(tiny_model, corpora, tmp_path):
+    cfg = tiny_run_config(tiny_model, corpora, "data.replay_language=fr", "stage1.tokens=640", "eval.sample_tokens=0",
+                          f"data.eval={{de: {corpora['eval_de']}, fr: {corpora['eval_en']}}}")
+    metrics = pipeline.run(cfg, tmp_path / "run")
+    assert set(metrics["data"]["stage1"]["byte_share"]) == {"de", "fr"}
+    assert "French (forgetting check)" in [card["title"] for card in report.headline(metrics)]
+    assert "language:\n- de\n- fr\n" in (tmp_path / "run" / "model" / "README.md").read_text()
+    with pytest.raises(EloError, match="the embedded replay corpus is English"):
+        pipeline.resolve_defaults(config.load_config(None, ["data.replay_language=fr"]))

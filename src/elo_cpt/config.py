@@ -115,7 +115,9 @@ class DataConfig:
     """Target-language training corpora, each SOURCE[#FIELD]: a .txt, .jsonl or .parquet file, a folder, a glob, a
     save_to_disk folder or hf:NAME[:CONFIG[:SPLIT]] (docs/data.md)."""
     english: list[str] = field(default_factory=list)
-    """English replay corpora, same formats."""
+    """Replay corpora (English in the paper), same formats."""
+    replay_language: str = "en"
+    """Language code of the replay corpora: labels their share of the mixtures and the report's forgetting check."""
     english_share: float = 0.1
     """Share of English in the training mixture, by UTF-8 bytes (the paper: English:target = 1:9). With data.target
     given, data.english must be too unless this is 0, which trains on target text only."""

@@ -19,7 +19,7 @@ _ALIGNED = {"fft": "every parameter was then aligned", "freeze": "the stage-1 la
 def model_card(metrics: dict) -> str:
     config, data = metrics["config"], metrics.get("data", {})
     target, model = config["target_language"], str(config["model"])
-    languages = list(dict.fromkeys([target, *config["data"]["eval"], "en"]))
+    languages = list(dict.fromkeys([target, *config["data"]["eval"], config["data"].get("replay_language", "en")]))
     front = {"language": languages, "library_name": "transformers", "tags": ["elo-cpt", "continual-pretraining"]}
     if hub.is_hub_id(model.split("@")[0]):
         front["base_model"] = model.split("@")[0]
@@ -32,8 +32,8 @@ def model_card(metrics: dict) -> str:
         f"# {Path(model).name}, adapted to {LANGUAGES.get(target, target)} with ELO", "",
         f"Continual pretraining of `{model}` with elo-cpt, an implementation of ELO (Efficient Layer-Specific "
         f"Optimization, [arXiv 2601.03648](https://arxiv.org/abs/2601.03648)): stage 1 trained decoder layers "
-        f"`{config['layers']}` inside a shallow copy of the model on {stage1.get('tokens', 0):,} tokens ({target} with an "
-        f"English share of {config['data']['english_share']:.0%} by bytes), the layers were written back, and {aligned}.", "",
+        f"`{config['layers']}` inside a shallow copy of the model on {stage1.get('tokens', 0):,} tokens ({target} with a "
+        f"{config['data'].get('replay_language', 'en')} replay share of {config['data']['english_share']:.0%} by bytes), the layers were written back, and {aligned}.", "",
         "## Measured by the run (bits per character of held-out text, lower is better)", "",
     ]
     evaluation = metrics.get("eval", {})

@@ -57,6 +57,9 @@ def resolve_defaults(cfg: RunConfig) -> RunConfig:
                        "data.english_share=0 to train on target text only")
     if cfg.model and cfg.data.target:
         return cfg
+    if not cfg.data.english and cfg.data.replay_language != "en" and cfg.data.english_share > 0:
+        raise EloError(f"data.replay_language is {cfg.data.replay_language!r} but the embedded replay corpus is English; "
+                       "give your replay corpora in data.english, or leave data.replay_language at en")
     default = assets.prepare_assets()
     if cfg.data.target:
         return replace(cfg, model=str(default.model))
@@ -86,7 +89,7 @@ def write_mixtures(cfg: RunConfig, folder: Path, parts: tuple[str, ...] = ("stag
     paths = cfg.data.target + english
     weights = [(1 - cfg.data.english_share) / len(cfg.data.target)] * len(cfg.data.target)
     weights += [cfg.data.english_share / len(english)] * len(english) if english else []
-    languages = [cfg.target_language] * len(cfg.data.target) + ["en"] * len(english)
+    languages = [cfg.target_language] * len(cfg.data.target) + [cfg.data.replay_language] * len(english)
     splits = [data.split_stream(functools.partial(corpus.source_documents, p), cfg.data.align_holdout) for p in paths]
     budgets = {"stage1": cfg.stage1.tokens, "align": align_tokens(cfg)}
     summary: dict = {}

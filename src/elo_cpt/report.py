@@ -182,8 +182,9 @@ def headline(metrics: dict) -> list[dict]:
     changes = {(r["language"], r["reference"]): r for r in forgetting(metrics)}
     name = LANGUAGES.get(target, target)
     cards = [(target, "base", f"{name} (target language)")]
-    if target != "en":
-        cards.append(("en", "base", "English (forgetting check)"))
+    replay = metrics.get("config", {}).get("data", {}).get("replay_language", "en")
+    if target != replay:
+        cards.append((replay, "base", f"{LANGUAGES.get(replay, replay)} (forgetting check)"))
     cards += [(target, r, f"{name}: final vs {label(r)}") for r in references(metrics) if r != "base"]
     for lang, reference, title in cards:
         row = changes.get((lang, reference))
