@@ -277,18 +277,14 @@ def from_dict(*layers: dict) -> RunConfig:
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """Turn `a.b=value` strings into a nested dict, values parsed as YAML scalars/lists."""
-    nested: dict = {}
+    """Turn `a.b=value` strings into a nested dict (through `nest`), values parsed as YAML scalars/lists."""
+    flat: dict = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise EloError(f"bad override {pair!r}; write key=value, e.g. stage1.lr=1e-5")
-        node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-    return nested
+        flat[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return nest(flat)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
