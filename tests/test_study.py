@@ -98,6 +98,9 @@ def test_results_table_says_which_cells_were_resumed():
     results = {"target_language": "de", "cells": [cell("old"), cell("straight", 0), cell("resumed", 2)]}
     (_, table), = study_report.rows(results)
     assert [row[4] for row in table] == ["84", "84", "84 (2 resumed)"]
+    results["cells"][0]["note"] = "lr 1e-5 | no replay"
+    results["model"], results["machine"] = "m", {"cpu_count": 2, "platform": "p", "torch": "t", "date_utc": "d"}
+    assert "lr 1e-5 \\| no replay |" in study_report.markdown(results)  # a | in a note does not split the row
 
 
 def test_emulator_layers_stay_frozen_and_norm_is_written_back(tiny_model, corpora, tmp_path):

@@ -87,7 +87,7 @@ def markdown(results: dict) -> str:
     for group, table in rows(results):
         lines += [f"## {group or 'Main comparison'}", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in table]
+        lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in table]  # notes may hold |
         lines.append("")
     lines += ["![target and English bits/char against training FLOPs](results.png)", ""]
     return "\n".join(lines)
