@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from elo_cpt import hub
-from elo_cpt.errors import EloError
+from elo_cpt.errors import EloError, first_line
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -423,7 +423,7 @@ def load_tokenizer(path: str | Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as err:  # transformers raises OSError, ValueError, TypeError, ... for missing or broken files
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(" :")
+        reason = first_line(err).rstrip(" :")
         raise EloError(f"{path} has no usable tokenizer ({reason}); copy the tokenizer files (tokenizer.json, "
                        "tokenizer_config.json, ...) of the model it came from into it") from err
     if not callable(tokenizer):

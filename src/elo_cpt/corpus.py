@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from elo_cpt.errors import EloError
+from elo_cpt.errors import EloError, first_line
 
 TEXT_FIELD = "text"
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -195,7 +195,7 @@ def _parquet_documents(path: Path, field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     def unreadable(err: Exception) -> EloError:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         return EloError(f"cannot read Parquet file {path}: {reason}")
 
     try:
@@ -235,7 +235,7 @@ def _hub_documents(path: str | Path, field: str) -> Iterator[str]:
     name, config, split = hub_parts(path)
 
     def unusable(err: Exception) -> EloError:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         hint = ("; hub datasets need the network: unset HF_HUB_OFFLINE, or save the dataset with save_to_disk on "
                 "a machine that is online and point at that folder" if "offline" in reason.lower() else "")
         return EloError(f"cannot read dataset {path}: {reason}{hint}")
@@ -333,7 +333,7 @@ def _hub_digest(path: Path) -> str:
 
         revision = HfApi().dataset_info(name).sha
     except Exception as err:  # offline, unknown, gated: the same causes that stop reading it
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         raise EloError(f"cannot resolve dataset {path} on the Hugging Face hub: {reason}; hub datasets need the "
                        "network (or save_to_disk the dataset and point at that folder)") from None
     digest.update(f"{name}\0{revision}".encode())

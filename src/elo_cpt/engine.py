@@ -193,9 +193,8 @@ def trackers(cfg: TrainConfig) -> list[str]:
     return wanted
 
 
-def training_arguments(cfg: TrainConfig, work_dir: Path, steps: int, seed: int, precision: str) -> TrainingArguments:
+def training_arguments(cfg: TrainConfig, work_dir: Path, steps: int, seed: int, precision: str, optim: str) -> TrainingArguments:
     """Trainer settings for one pass of `steps` optimizer steps at a resolved `precision`."""
-    optim, _ = precision_mod.optimizer(cfg)
     return TrainingArguments(
         output_dir=str(work_dir / "checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
@@ -268,7 +267,8 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
     world = distributed.world_size()
     steps = math.ceil(len(dataset) / (cfg.batch_size * cfg.grad_accum * world))
     precision = precision_mod.resolve(cfg.precision)
-    args = training_arguments(cfg, work_dir, steps, seed, precision)
+    optim, custom_optimizer = precision_mod.optimizer(cfg)
+    args = training_arguments(cfg, work_dir, steps, seed, precision, optim)
     seq_len = dataset.seq_len
     tokens_per_step = cfg.batch_size * cfg.grad_accum * max(1, args.world_size) * seq_len
     clock = StageClock(work_dir / CLOCK_FILE, write=args.process_index == 0)
@@ -280,7 +280,7 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(work_dir / "logs"))))
     use_cache = model.config.use_cache  # Trainer turns the KV cache off for training; the saved model keeps the input's
     trainer = EloTrainer(model=model, args=args, train_dataset=dataset, loss_chunk=cfg.loss_chunk, callbacks=callbacks,
-                         optimizer_cls_and_kwargs=precision_mod.optimizer(cfg)[1])
+                         optimizer_cls_and_kwargs=custom_optimizer)
     resume = last_complete_checkpoint(Path(args.output_dir))
     if resume or clock.invocations > 1:
         print(f"resuming from {resume or 'the start (no complete checkpoint)'}: run {clock.invocations} of this stage, "

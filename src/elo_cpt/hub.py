@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from elo_cpt.errors import EloError
+from elo_cpt.errors import EloError, first_line
 
 #: `org/name` or `org/name@revision`; a path whose first part exists locally is never taken for one.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -37,7 +37,7 @@ def snapshot(spec: str, weights: bool = True) -> Path:
         raise EloError(f"model {spec} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
                        "fetch it once with the network on, or pass a local model folder") from None
     except (HfHubHTTPError, OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise EloError(f"cannot fetch model {spec} from the Hugging Face hub ({first}); check the id and revision, "
                        "and log in (hf auth login) for gated models") from None
 
@@ -62,5 +62,5 @@ def fetch(path: Path) -> None:
     try:
         hf_hub_download(repo_id, path.name, revision=commit)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise EloError(f"cannot fetch {path.name} of model {repo_id} from the Hugging Face hub ({first})") from None
