@@ -12,10 +12,10 @@ import elo_cpt
 PACKAGE = Path(elo_cpt.__file__).parent
 LEVELS = {
     0: {"errors", "config", "checkpoint", "costmodel", "assets", "textformats", "report", "report_figures",
-        "study_report", "samples", "precision", "hub", "distributed", "modelcard"},
+        "study_report", "samples", "precision", "hub", "distributed", "modelcard", "findings"},
     1: {"corpus", "tokencache", "data", "surgery", "stageclock", "chatvector"},
     2: {"engine", "train", "evaluation", "lmeval"},
-    3: {"pipeline", "study", "bench"},
+    3: {"pipeline", "pipeline_eval", "study", "bench"},
     4: {"cli", "__init__", "__main__"},
 }
 LEVEL = {module: level for level, modules in LEVELS.items() for module in modules}

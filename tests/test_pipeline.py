@@ -12,7 +12,7 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
-from elo_cpt import config, pipeline, report, train
+from elo_cpt import config, pipeline, report, stageclock, train
 from elo_cpt.errors import EloError
 
 
@@ -61,6 +61,19 @@ def test_pipeline_on_a_tiny_model(tiny_model, corpora, tmp_path, capsys):
     assert again["eval"]["final"]["de"]["chars"] <= 500 < metrics["eval"]["final"]["de"]["chars"]
     assert (run / "stages" / "stage1" / "model.safetensors").stat().st_mtime_ns == stage1_weights
     assert again["config"]["eval"]["max_chars"] == 500 and (run / "report.html").is_file()
+    assert again["environment"]["precision"] == {"stage1": "32-true", "align": "32-true"}
+    assert again["environment"]["device"] == "cpu" and again["environment"]["elo_cpt"] == config.elo_version()
+    # The alignment-only control can be added to a finished run: it alone trains, the other evaluations are kept.
+    final_weights = (run / "model" / "model.safetensors").stat().st_mtime_ns
+    base_eval = (run / "eval" / "base.json").stat().st_mtime_ns
+    controlled = pipeline.run(tiny_run_config(tiny_model, corpora, "eval.max_chars=500", "control=true"), run)
+    assert set(controlled["eval"]) == {"base", "merged", "final", "control"}
+    assert controlled["stages"]["control"]["training"]["tokens"] == 160 == controlled["stages"]["align"]["training"]["tokens"]
+    assert controlled["eval"]["base"] == again["eval"]["base"] and (run / "eval" / "base.json").stat().st_mtime_ns == base_eval
+    assert (run / "model" / "model.safetensors").stat().st_mtime_ns == final_weights
+    assert (run / "stages" / "stage1" / "model.safetensors").stat().st_mtime_ns == stage1_weights
+    assert "Stage 1's own contribution in German: the final model is" in (run / "report.md").read_text()
+    assert controlled["environment"]["precision"] == {"stage1": "32-true", "align": "32-true", "control": "32-true"}
 
 
 def test_held_out_text_seen_in_training_is_reported(tiny_model, corpora, tmp_path, capsys):
@@ -135,7 +148,7 @@ def test_timings_keep_a_killed_step_and_add_its_rerun(tmp_path):
     process.wait()
     killed = json.loads(path.read_text())["align"]
     assert killed >= 1
-    timings = pipeline.Timings(path)
+    timings = stageclock.Timings(path)
     start = time.perf_counter()
     with timings.step("align"):
         time.sleep(0.2)

@@ -17,12 +17,12 @@ import fcntl
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import random
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -94,8 +94,7 @@ def cache_root() -> Path:
 # ---------------------------------------------------------------- preparation
 
 
-def _log(message: str) -> None:
-    print(f"[elo-cpt assets] {message}", file=sys.stderr, flush=True)
+_log = logging.getLogger(__name__).info  # shown by the `elo` command (distributed.setup_logging)
 
 
 def _sha256(path: Path) -> str:

@@ -16,6 +16,7 @@ A method whose estimated memory exceeds the machine's is not run; its row carrie
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -27,6 +28,8 @@ from elo_cpt import costmodel, hub, study_report
 from elo_cpt import precision as precision_mod
 from elo_cpt.config import PRECISIONS, TrainConfig
 from elo_cpt.errors import EloError
+
+log = logging.getLogger(__name__).info  # shown by the `elo` command (distributed.setup_logging)
 
 METHODS = ("elo", "freeze", "lora", "fft", "align", "elo-logits")
 
@@ -229,9 +232,9 @@ def bench(model: str, methods: list[str] | str = "elo,freeze,lora,fft,align", ba
         if estimate["total"] > available and not force:
             row.update(peak_memory_bytes=estimate["total"], peak_memory_estimated=True, tokens_per_s=None,
                        note=f"not run: estimated {estimate['total'] / 2**30:.1f} GiB exceeds the {available / 2**30:.1f} GiB available")
-            print(f"[bench] {method}: {row['note']}", file=sys.stderr)
+            log(f"{method}: {row['note']}")
         else:
-            print(f"[bench] {method}: running {warmup} warm-up + {steps} timed steps ...", file=sys.stderr, flush=True)
+            log(f"{method}: running {warmup} warm-up + {steps} timed steps ...")
             args = dict(model=str(model), method=method, layers=absolute, batch=batch, seq=seq, steps=steps, warmup=warmup,
                         loss_chunk=loss_chunk, lora_rank=lora_rank, precision=precision)
             row.update(_run_isolated(args), measured=True, peak_memory_estimated=False)
@@ -387,7 +390,7 @@ def bench_tokenization(sources: list[str] | str, tokenizer_dir: str | Path, seq_
                      (f"{workers} processes", workers, one_thread, False)]
     rows = {}
     for name, processes, env, end_to_end in settings:
-        print(f"[bench] tokenize + pack, {name} ...", file=sys.stderr, flush=True)
+        log(f"tokenize + pack, {name} ...")
         args = dict(sources=[str(s) for s in sources], tokenizer_dir=str(tokenizer_dir), seq_len=seq_len,
                     max_documents=max_documents, processes=processes, end_to_end=end_to_end)
         code = "import json, sys; from elo_cpt.bench import tokenization_worker as w; print(json.dumps(w(**json.loads(sys.argv[1]))))"

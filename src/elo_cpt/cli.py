@@ -8,6 +8,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from elo_cpt import distributed
+from elo_cpt.config import elo_version
 from elo_cpt.errors import EloError
 
 DEFAULT_OUT = "runs/default"
@@ -66,18 +68,9 @@ def _add_training_options(parser: argparse.ArgumentParser, lr: float) -> None:
                         help="experiment trackers: tensorboard (default), wandb, mlflow, comet_ml, clearml, dvclive, neptune, or none")
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("elo-cpt")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="elo", description="ELO continual pretraining: train a few layers of a shallow model, write them back, align.")
-    parser.add_argument("--version", action="version", version=f"elo-cpt {_version()}")
+    parser.add_argument("--version", action="version", version=f"elo-cpt {elo_version()}")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (as ELO_DEBUG=1 does)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -344,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
 
     args = build_parser().parse_args(argv)
+    distributed.setup_logging()
     debug = args.debug or os.environ.get("ELO_DEBUG", "") not in ("", "0")
     try:
         dispatch(args)

@@ -172,6 +172,10 @@ class RunConfig:
     """Alignment settings."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation settings."""
+    control: bool = False
+    """Also align the base model alone (the same alignment data, budget and settings, no stage 1) and evaluate it, so
+    the report shows stage 1's own contribution on your data; costs one more alignment. Can be turned on for a
+    finished run: only the control is then trained."""
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -384,3 +388,13 @@ def bridge_token_count(setting: int | str, hidden_size: int) -> int:
     """The calibration tokens `stage1.bridge_tokens` asks for on a model of this width: `auto` is max(4096, 4 x
     hidden size), since each output of the least-squares fit has hidden size + 1 unknowns."""
     return max(4096, 4 * hidden_size) if setting == AUTO else int(setting)
+
+
+def elo_version() -> str:
+    """The installed elo-cpt's version (recorded in metrics.json; `elo --version`)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("elo-cpt")
+    except PackageNotFoundError:
+        return "unknown"

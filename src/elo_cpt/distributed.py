@@ -8,7 +8,9 @@ one process every function here is a plain call.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import TypeVar
@@ -18,6 +20,32 @@ T = TypeVar("T")
 #: How long a process waits for the others, e.g. while the main one builds the mixtures or evaluates. Collectives
 #: of a stalled run fail after this; `ELO_DIST_TIMEOUT_MIN` changes it.
 TIMEOUT = timedelta(minutes=float(os.environ.get("ELO_DIST_TIMEOUT_MIN", 12 * 60)))
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (a test's capture, a redirected stream)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Show elo_cpt's progress messages on stderr as `[elo] message`, from the main process only (the others would
+    repeat it), unless the application has given the `elo_cpt` logger handlers of its own. The `elo` command calls
+    this; a Python program that wants the messages calls it too, or configures `logging` its own way."""
+    logger = logging.getLogger("elo_cpt")
+    if logger.handlers:
+        return
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("[elo] %(message)s"))
+    handler.addFilter(lambda record: is_main())
+    logger.addHandler(handler)
+    logger.setLevel(level)
 
 
 def world_size() -> int:

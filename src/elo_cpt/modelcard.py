@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from elo_cpt import hub
-from elo_cpt.report import LANGUAGES, MODEL_LABELS
+from elo_cpt.findings import LANGUAGES, MODEL_LABELS
 
 
 #: What the alignment trained, per `align.method`.

@@ -18,15 +18,12 @@ steps and resumes training from its last checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import replace
@@ -35,15 +32,18 @@ from pathlib import Path
 import yaml
 from transformers import AutoConfig
 
-from elo_cpt import (assets, checkpoint, config as config_mod, corpus, data, distributed, evaluation, lmeval, modelcard,
-                     report, samples, surgery, train)
+from elo_cpt import assets, checkpoint, config as config_mod, corpus, data, distributed, evaluation, report, surgery, train
 from elo_cpt.config import RunConfig
+from elo_cpt.pipeline_eval import check_eval_settings, finish_run, print_report
+from elo_cpt.stageclock import Timings
 from elo_cpt.errors import EloError
 
 
-def log(message: str) -> None:
-    if distributed.is_main():  # one process speaks for a run launched on several
-        print(f"[elo] {message}", file=sys.stderr, flush=True)
+#: Settings a finished run can change without retraining: eval.* (evaluated again) and control (trained alone).
+ADDITIVE_SETTINGS = ("eval.", "control:")
+
+
+log = logging.getLogger(__name__).info  # shown by the `elo` command (distributed.setup_logging)
 
 
 def resolve_defaults(cfg: RunConfig) -> RunConfig:
@@ -116,47 +116,6 @@ def write_mixtures(cfg: RunConfig, folder: Path, parts: tuple[str, ...] = ("stag
     return summary
 
 
-class Timings:
-    """Wall-clock seconds per pipeline step, kept in the run folder so a resumed run still reports them.
-
-    A step's seconds add up over every invocation that ran it: while a step runs, its total so far is written every
-    `every` seconds (a background thread; a SIGKILL gives no chance to write at exit), so a rerun that repeats an
-    interrupted step adds its seconds to those the killed invocation spent on it.
-    """
-
-    def __init__(self, path: Path, every: float = 1.0, write: bool = True):
-        self.path, self.every, self.write = path, every, write  # write: False on all but the main process
-        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
-        self._lock = threading.Lock()
-
-    def _record(self, name: str, seconds: float) -> None:
-        with self._lock:
-            self.seconds[name] = round(seconds, 2)
-            checkpoint.write_json(self.path, self.seconds)
-
-    @contextlib.contextmanager
-    def step(self, name: str):
-        if not self.write:
-            yield
-            return
-        earlier = self.seconds.get(name, 0.0)  # an invocation that was interrupted in this step
-        start = time.perf_counter()
-        done = threading.Event()
-
-        def heartbeat():
-            while not done.wait(self.every):
-                self._record(name, earlier + time.perf_counter() - start)
-
-        thread = threading.Thread(target=heartbeat, name=f"timings {name}", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:  # also on an error or Ctrl-C: the rerun adds its seconds to these
-            done.set()
-            thread.join()
-            self._record(name, earlier + time.perf_counter() - start)
-
-
 def align_tokens(cfg: RunConfig) -> int:
     if cfg.align.tokens is not None:
         return cfg.align.tokens
@@ -221,6 +180,14 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
                                method=cfg.align.method, layers=cfg.layers)
             else:
                 distributed.main_only(copy_merged, merged, model_dir)
+    control = out / "stages" / "control"
+    if cfg.control and not control.is_dir():
+        with timings.step("control"):
+            log(f"control: aligning the base model alone ({cfg.align.method}, no stage 1) on the same "
+                f"{data_summary['align']['tokens']:,} tokens")
+            align_cfg = replace(cfg.align, tokens=data_summary["align"]["tokens"])
+            train.finetune(cfg.model, [str(data_dir / "align.jsonl")], control, align_cfg, cfg.seq_len, cfg.seed,
+                           method=cfg.align.method, layers=cfg.layers)
     return distributed.main_only(finish_run, cfg, out, resolved, data_summary, timings, checked.get("tasks"), started)
 
 
@@ -232,16 +199,17 @@ def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dic
     checkpoint.check_output(out)  # not a file, and writable: before any model is read
     if config_path.is_file():
         changes = config_changes(yaml.safe_load(config_path.read_text()), resolved)
-        if changes and all(change.startswith("eval.") for change in changes):
-            # only evaluation changed: the trained models stand, their evaluation and the report are redone
-            log(f"evaluating {out} again: {'; '.join(changes)}")
-            for stale in (out / "eval", out / report.FILES_DIR):
-                shutil.rmtree(stale, ignore_errors=True)
+        if changes and all(change.startswith(ADDITIVE_SETTINGS) for change in changes):
+            # the trained models stand: what the change adds (a new evaluation, the control) is done, the report redone
+            log(f"updating {out}: {'; '.join(changes)}")
+            if any(change.startswith("eval.") for change in changes):
+                shutil.rmtree(out / "eval", ignore_errors=True)
+            shutil.rmtree(out / report.FILES_DIR, ignore_errors=True)
             for stale in (metrics_path, out / report.HTML_FILE, out / report.MD_FILE):
                 stale.unlink(missing_ok=True)
         elif changes:
             raise EloError(f"{out} holds a run with another configuration ({'; '.join(changes)}); choose another --out "
-                           "or delete it (settings under eval. alone can change: the run is then evaluated again)")
+                           "or delete it (settings under eval. and control alone can change: the run is then updated)")
         if metrics_path.is_file():
             log(f"{out} is already complete")
             metrics = json.loads(metrics_path.read_text())
@@ -265,6 +233,9 @@ def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dic
     for path in cfg.data.eval.values():
         evaluation.read_eval_text(path)
     checked["tasks"] = check_eval_settings(cfg)
+    if cfg.control and not align_tokens(cfg):
+        raise EloError("control=true aligns the base model alone to compare with ELO, but the alignment budget is 0; "
+                       "give align.tokens (or align.token_ratio), or turn control off")
     data_dir = out / "data"
     if not (data_dir / "summary.json").is_file():
         log("[1/6] preparing the stage-1 and alignment mixtures")
@@ -330,92 +301,3 @@ def copy_merged(merged: Path, model_dir: Path) -> None:
     log("[5/6] alignment budget is 0: the final model is the merged one")
     with checkpoint.atomic_output(model_dir) as staging:
         shutil.copytree(merged, staging, dirs_exist_ok=True)
-
-
-def finish_run(cfg: RunConfig, out: Path, resolved: dict, data_summary: dict, timings: Timings,
-               task_manager: lmeval.TaskManager | None, started: float) -> dict:
-    """Evaluate the base, merged and final models, then write metrics.json and the report."""
-    stage1, merged, model_dir = out / "stages" / "stage1", out / "stages" / "merged", out / "model"
-    align_record = out / "stages" / "align"
-    # the final model folder holds the model alone, ready to share; the alignment's logs and stats go with its stage
-    for name in (train.STATS_FILE, "loss.png", "logs"):
-        if (model_dir / name).exists():
-            align_record.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(align_record / name, ignore_errors=True)
-            (model_dir / name).rename(align_record / name)
-    log("[6/6] evaluating: bits/char on held-out text, generation samples" + (", lm-eval tasks" if cfg.eval.tasks else ""))
-    results, samples_out, benchmarks = {}, {}, {}
-    for name, path in (("base", cfg.model), ("merged", merged), ("final", model_dir)):
-        results[name], samples_out[name], scored = evaluate_model(cfg, name, path, out / "eval", timings, task_manager)
-        if scored is not None:
-            benchmarks[name] = scored
-    stages = {name: {"seconds": seconds} for name, seconds in timings.seconds.items()}
-    for name, folder in (("stage1", stage1), ("align", align_record)):
-        if (folder / train.STATS_FILE).is_file():
-            stages[name]["training"] = json.loads((folder / train.STATS_FILE).read_text())
-    metrics = {
-        "config": resolved,
-        "data": data_summary,
-        "stages": stages,
-        "eval": results,
-        "samples": {name: found for name, found in samples_out.items() if found},
-        **({"lm_eval": benchmarks} if benchmarks else {}),
-        "total_seconds": round(sum(timings.seconds.values()), 1),
-        "this_invocation_seconds": round(time.perf_counter() - started, 1),
-    }
-    metrics["forgetting"] = report.forgetting(metrics)
-    checkpoint.write_text(model_dir / "README.md", modelcard.model_card(metrics))  # the model card, for sharing it
-    checkpoint.write_json(out / "metrics.json", metrics)
-    print(report.summary(metrics))
-    print_report(out)
-    return metrics
-
-
-def evaluate_model(
-    cfg: RunConfig, name: str, path: Path | str, eval_dir: Path, timings: Timings, task_manager: lmeval.TaskManager | None
-) -> tuple[dict, dict, dict | None]:
-    """Bits/char, generation samples and (base and final only) lm-eval scores of one model, each cached in `eval_dir`.
-
-    The model is loaded once for all of them, and only when something is missing.
-    """
-    eval_dir.mkdir(exist_ok=True)
-    bits, sampled, scored = (eval_dir / f"{name}{suffix}.json" for suffix in ("", ".samples", ".lm_eval"))
-    wanted_prompts = samples.prompts_for([cfg.target_language, *cfg.data.eval], cfg.eval.prompts) if cfg.eval.sample_tokens else {}
-    benchmark = task_manager is not None and name in ("base", "final")
-    missing = [f for f in (bits, sampled) if not f.is_file()] + ([scored] if benchmark and not scored.is_file() else [])
-    if missing:
-        log(f"  evaluating the {report.MODEL_LABELS[name]}")
-        model, tokenizer = evaluation.load_for_eval(path)
-        if bits in missing or sampled in missing:
-            with timings.step(f"eval {name}"):
-                if bits in missing:
-                    result = evaluation.evaluate(model, cfg.data.eval, tokenizer, seq_len=cfg.seq_len, max_chars=cfg.eval.max_chars,
-                                                 batch_size=cfg.eval.batch_size)
-                    checkpoint.write_json(bits, result)
-                if sampled in missing:
-                    checkpoint.write_json(sampled, samples.generate_samples(model, tokenizer, wanted_prompts, cfg.eval.sample_tokens))
-        if scored in missing:
-            log(f"  lm-eval {', '.join(cfg.eval.tasks)} on the {report.MODEL_LABELS[name]}")
-            with timings.step(f"lm-eval {name}"):
-                raw = lmeval.run_lm_eval(model, tokenizer, cfg.eval.tasks, task_manager, cfg.eval.limit, cfg.eval.batch_size)
-                checkpoint.write_json(scored, lmeval.compact_results(raw))
-        del model
-        gc.collect()
-    loaded = [json.loads(f.read_text()) for f in (bits, sampled)]
-    return loaded[0], loaded[1], json.loads(scored.read_text()) if benchmark else None
-
-
-def check_eval_settings(cfg: RunConfig) -> lmeval.TaskManager | None:
-    """Reject bad evaluation settings before anything is trained; the lm-eval task manager when tasks are named."""
-    if cfg.eval.sample_tokens < 0:
-        raise EloError("eval.sample_tokens must be >= 0 (0 turns generation samples off)")
-    if cfg.eval.limit is not None and cfg.eval.limit < 1:
-        raise EloError("eval.limit must be at least 1, or empty to run every example")
-    if cfg.eval.english_tolerance_pct < 0:
-        raise EloError("eval.english_tolerance_pct must be >= 0")
-    return lmeval.task_manager(cfg.eval.tasks, cfg.eval.include_path) if cfg.eval.tasks else None
-
-
-def print_report(out: Path) -> None:
-    html_path, md_path = report.write_report(out)
-    print(f"report: {html_path} (and {md_path.name})")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import os
 from datetime import datetime, timezone
 from importlib import resources
@@ -27,28 +26,11 @@ import jinja2
 import yaml
 
 from elo_cpt.errors import EloError
+from elo_cpt.findings import (LANGUAGES, STAGE_LABELS, environment_line, explanations, forgetting, label, language,
+                               references, resumes, tolerance_pct, training_records, training_rows)
 from elo_cpt.report_figures import plot_bits_per_char, plot_cost, plot_losses
 
-MODEL_LABELS = {
-    "base": "base model",
-    "merged": "ELO stage 1, merged (before alignment)",
-    "final": "ELO final (after alignment)",
-}
-#: The models the pipeline itself evaluates; every other model under `eval` is a reference run (a baseline).
-OWN_MODELS = ("base", "merged", "final")
-STAGE_LABELS = {"detach": "detach", "stage1": "ELO stage 1", "merge": "merge", "align": "alignment"}
-LANGUAGES = {"de": "German", "en": "English", "fr": "French", "es": "Spanish", "it": "Italian", "ko": "Korean",
-             "ja": "Japanese", "zh": "Chinese", "ar": "Arabic", "hi": "Hindi", "ru": "Russian", "pt": "Portuguese"}
 HTML_FILE, MD_FILE, FILES_DIR = "report.html", "report.md", "report_files"
-DEFAULT_TOLERANCE_PCT = 1.0
-
-
-def label(name: str) -> str:
-    return MODEL_LABELS.get(name, name.replace("_", " "))
-
-
-def language(code: str) -> str:
-    return f"{LANGUAGES[code]} ({code})" if code in LANGUAGES else code
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -72,25 +54,12 @@ def summary(metrics: dict) -> str:
             + [f"{evaluation['final'][lang]['bits_per_char'] - base[lang]['bits_per_char']:+.4f}" for lang in languages]
         )
     quality = _table(["model (bits/char, lower is better)"] + languages, rows)
-    stage_rows = []
-    for name, stage in metrics["stages"].items():
-        training = stage.get("training", {})
-        stage_rows.append([
-            name,
-            f"{stage['seconds']:.1f}",
-            f"{training['tokens']:,}" if training else "",
-            f"{training['tokens'] / training['seconds']:.0f}" if training.get("seconds") else "",
-            f"{training['trainable_params']:,}" if training else "",
-            str(training["resumes"]) if "resumes" in training else "",
-        ])
-    cost = _table(["step", "seconds", "tokens", "tokens/s", "trainable params", "resumes"], stage_rows)
+    steps = cost_table(metrics)
+    cost = _table(steps["header"], [[cell["text"] for cell in row["cells"]] for row in steps["rows"]
+                                    if row["cells"][0]["cls"] != "strong"])  # the total has its own line
     warnings = [f"\nwarning: {row['message']}" for row in forgetting(metrics) if row["flag"]]
-    return f"{quality}\n\n{cost}\n\n{total_line(metrics)}" + "".join(warnings)
-
-
-def resumes(metrics: dict) -> dict[str, int]:
-    """Per training stage that was interrupted and rerun, how many times it was resumed."""
-    return {name: t["resumes"] for name, _, t in training_records(metrics) if t.get("resumes")}
+    notes = "".join(f"\nnote: {note}" for note in explanations(metrics))
+    return f"{quality}\n{notes}\n\n{cost}\n\n{total_line(metrics)}" + "".join(warnings)
 
 
 def total_line(metrics: dict) -> str:
@@ -101,66 +70,6 @@ def total_line(metrics: dict) -> str:
     which = ", ".join(f"{name} {n}x" for name, n in resumed.items())
     this = f"; this invocation {metrics['this_invocation_seconds']:.0f} s" if "this_invocation_seconds" in metrics else ""
     return f"total {metrics['total_seconds']:.0f} s over every invocation (resumed: {which}{this})"
-
-
-def tolerance_pct(metrics: dict) -> float:
-    return float(metrics.get("config", {}).get("eval", {}).get("english_tolerance_pct", DEFAULT_TOLERANCE_PCT))
-
-
-def references(metrics: dict) -> list[str]:
-    """The models the final one is compared with: the base model, then every baseline that was evaluated."""
-    evaluation = metrics.get("eval", {})
-    return [name for name in evaluation if name == "base" or name not in OWN_MODELS]
-
-
-def forgetting(metrics: dict) -> list[dict]:
-    """Per language and reference model, the final model's change in bits/char (lower is better).
-
-    A row is flagged as forgetting when a language other than the target one (English, the replay language) got
-    worse than in the reference by more than the tolerance, `eval.english_tolerance_pct` percent.
-    """
-    evaluation = metrics.get("eval", {})
-    final = evaluation.get("final")
-    if not final:
-        return []
-    tolerance = tolerance_pct(metrics)
-    target = metrics.get("config", {}).get("target_language")
-    rows = []
-    for lang, result in final.items():
-        for reference in references(metrics):
-            before = evaluation[reference].get(lang, {}).get("bits_per_char")
-            if before is None:
-                continue
-            after = result["bits_per_char"]
-            change = after - before
-            pct = 100 * change / before if before else math.nan
-            flag = lang != target and pct > tolerance
-            verdict = "worse" if change > 0 else "better" if change < 0 else "unchanged"
-            rows.append({
-                "language": lang,
-                "reference": reference,
-                "before": before,
-                "after": after,
-                "change": change,
-                "change_pct": pct,
-                "verdict": verdict,
-                "flag": flag,
-                "message": (f"forgetting: {language(lang)} bits/char of the final model is {pct:.1f}% worse than the "
-                            f"{label(reference)}'s ({before:.4f} -> {after:.4f}; tolerance {tolerance:g}%)") if flag else "",
-            })
-    return rows
-
-
-def training_records(metrics: dict) -> list[tuple[str, float | None, dict]]:
-    """(label, seconds, training stats) of every pipeline step and baseline, training stats empty if it did not train."""
-    records = []
-    for name, stage in metrics.get("stages", {}).items():
-        records.append((STAGE_LABELS.get(name, name), stage.get("seconds"), stage.get("training") or {}))
-    for name, baseline in (metrics.get("baselines") or {}).items():
-        training = baseline.get("training") or (baseline if "losses" in baseline or "tokens" in baseline else {})
-        seconds = baseline.get("seconds", training.get("seconds"))
-        records.append((f"baseline {label(name)}", seconds, training))
-    return records
 
 
 # ---------------------------------------------------------------------------------------------- the content
@@ -243,7 +152,7 @@ def quality_table(evaluation: dict) -> dict:
 
 
 def forgetting_table(metrics: dict) -> dict:
-    header = ["language", "final vs", "before", "final", "change", "change %", "verdict"]
+    header = ["language", "final vs", "before (bits/char)", "final (bits/char)", "change (bits/char)", "change %", "verdict"]
     rows = []
     for r in forgetting(metrics):
         verdict = "⚠ worse than tolerance" if r["flag"] else r["verdict"]
@@ -255,21 +164,23 @@ def forgetting_table(metrics: dict) -> dict:
 
 
 def cost_table(metrics: dict) -> dict:
-    header = ["step", "seconds", "tokens", "tokens/s", "trainable params", "final loss", "peak memory", "resumes"]
+    header = ["step", "model trained", "seconds", "tokens", "tokens/s", "trainable params", "last loss (nats/token)",
+              "peak memory (RSS)", "resumes"]
     rows = []
-    for name, seconds, t in training_records(metrics):
+    for row in training_rows(metrics):
+        seconds, t = row["seconds"], row["training"]
         rate = t["tokens"] / t["seconds"] if t.get("tokens") and t.get("seconds") else None
         rss = t.get("peak_rss_bytes")
         loss = t.get("final_loss")
-        rows.append({"cells": [_cell(name), _cell(f"{seconds:.1f}" if seconds is not None else ""),
+        rows.append({"cells": [_cell(row["label"]), _cell(row["model"]), _cell(f"{seconds:.1f}" if seconds is not None else ""),
                                _cell(f"{t['tokens']:,}" if t.get("tokens") else ""), _cell(f"{rate:,.0f}" if rate else ""),
                                _cell(f"{t['trainable_params']:,}" if t.get("trainable_params") else ""),
                                _cell(f"{loss:.4f}" if isinstance(loss, (int, float)) else ""),
                                _cell(f"{rss / 2**30:.2f} GiB" if rss else ""),
                                _cell(str(t["resumes"]) if "resumes" in t else "")], "flag": False})
     if "total_seconds" in metrics:
-        rows.append({"cells": [_cell("total (this run)", "strong"), _cell(f"{metrics['total_seconds']:.1f}", "strong")] + [_cell("")] * 6,
-                     "flag": False})
+        rows.append({"cells": [_cell("total (this run)", "strong"), _cell(""), _cell(f"{metrics['total_seconds']:.1f}", "strong")]
+                     + [_cell("")] * 6, "flag": False})
     return {"header": header, "rows": rows}
 
 
@@ -279,7 +190,7 @@ def data_table(metrics: dict) -> dict | None:
     if not parts:
         return None
     languages = list(dict.fromkeys(lang for part in parts.values() for lang in part.get("byte_share", {})))
-    header = ["mixture", "documents", "tokens"] + [f"{lang} bytes" for lang in languages]
+    header = ["mixture", "documents", "tokens"] + [f"{lang} share of bytes" for lang in languages]
     rows = [{"cells": [_cell(STAGE_LABELS.get(name, name)), _cell(f"{part.get('documents', 0):,}"), _cell(f"{part['tokens']:,}")]
              + [_cell(f"{100 * part.get('byte_share', {}).get(lang, 0):.1f}%") for lang in languages], "flag": False}
             for name, part in parts.items()]
@@ -362,6 +273,8 @@ def build_content(metrics: dict, run_dir: Path) -> dict:
         "layers": config.get("layers", "?"),
         "headline": headline(metrics),
         "warnings": [r["message"] for r in forgetting(metrics) if r["flag"]],
+        "explanations": explanations(metrics),
+        "environment": environment_line(metrics),
         "tolerance": tolerance_pct(metrics),
         "has_baselines": any(r != "base" for r in references(metrics)),
         "quality": quality_table(evaluation) if evaluation else None,

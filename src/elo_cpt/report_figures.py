@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
-_COLOURS = {"base": "#9aa0a6", "merged": "#7fb3e0", "final": "#1a5fb4"}
+_COLOURS = {"base": "#9aa0a6", "merged": "#7fb3e0", "final": "#1a5fb4", "control": "#e5a50a"}
 _EXTRA_COLOURS = ["#e66100", "#2ca02c", "#9141ac", "#c01c28", "#986a44", "#5e5c64"]
 
 
@@ -36,24 +36,45 @@ def _png(figure: Figure) -> bytes:
 
 
 def plot_bits_per_char(evaluation: dict, label: Callable[[str], str], language: Callable[[str], str]) -> bytes:
-    """Grouped bars: bits/char per language (groups) per model (bars), value on top of each bar."""
+    """Grouped bars of bits/char per language (groups) per model (bars), and beside them each model's change against
+    the base in percent: the absolute bars start at zero, where a 5% difference is hard to see, so the change gets
+    its own panel (also starting at zero, rather than an axis cut to exaggerate it)."""
     models = list(evaluation)
     languages = list(dict.fromkeys(lang for result in evaluation.values() for lang in result))
-    figure = Figure(figsize=(8, 3.8))
-    axes = figure.add_subplot()
+    compared = [name for name in models if name != "base"] if "base" in evaluation else []
+    figure = Figure(figsize=(12 if compared else 8, 3.8))
+    axes = figure.add_subplot(1, 2 if compared else 1, 1)
+    _grouped_bars(axes, models, languages, lambda name, lang: evaluation[name].get(lang, {}).get("bits_per_char", math.nan),
+                  label, "%.3f")
+    axes.set_xticks(range(len(languages)), [language(lang) for lang in languages])
+    axes.set(ylabel="bits per character (lower is better)", title="held-out text")
+    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(len(models), 3), frameon=False)
+    if compared:
+        axes = figure.add_subplot(1, 2, 2)
+
+        def pct(name: str, lang: str) -> float:
+            before = evaluation["base"].get(lang, {}).get("bits_per_char")
+            after = evaluation[name].get(lang, {}).get("bits_per_char")
+            return 100 * (after - before) / before if before and after is not None else math.nan
+
+        _grouped_bars(axes, compared, languages, pct, label, "%+.1f%%", order=models)
+        axes.axhline(0, color="black", linewidth=0.8)
+        axes.set_xticks(range(len(languages)), [language(lang) for lang in languages])
+        axes.set(ylabel="bits/char vs base, % (lower is better)", title="change against the base model")
+    return _png(figure)
+
+
+def _grouped_bars(axes, models: list[str], languages: list[str], value: Callable[[str, str], float],
+                  label: Callable[[str], str], fmt: str, order: list[str] | None = None) -> None:
     width = 0.8 / len(models)
     for i, name in enumerate(models):
         xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(languages))]
-        values = [evaluation[name].get(lang, {}).get("bits_per_char", math.nan) for lang in languages]
-        bars = axes.bar(xs, values, width * 0.92, label=label(name), color=_colour(name, models))
-        axes.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
-    axes.set_xticks(range(len(languages)), [language(lang) for lang in languages])
-    axes.set_ylabel("bits per character (lower is better)")
+        bars = axes.bar(xs, [value(name, lang) for lang in languages], width * 0.92, label=label(name),
+                        color=_colour(name, order or models))
+        axes.bar_label(bars, fmt=fmt, fontsize=7, padding=2)
     axes.margins(y=0.15)
-    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(len(models), 3), frameon=False)
     axes.grid(axis="y", alpha=0.3)
     axes.set_axisbelow(True)
-    return _png(figure)
 
 
 def plot_losses(records: list[tuple[str, float | None, dict]]) -> bytes | None:

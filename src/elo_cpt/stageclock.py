@@ -6,7 +6,9 @@ finds it. Of elo_cpt it imports only the atomic JSON writer (checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -55,3 +57,44 @@ class StageClock(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.save()
+
+
+class Timings:
+    """Wall-clock seconds per pipeline step, kept in the run folder so a resumed run still reports them.
+
+    A step's seconds add up over every invocation that ran it: while a step runs, its total so far is written every
+    `every` seconds (a background thread; a SIGKILL gives no chance to write at exit), so a rerun that repeats an
+    interrupted step adds its seconds to those the killed invocation spent on it.
+    """
+
+    def __init__(self, path: Path, every: float = 1.0, write: bool = True):
+        self.path, self.every, self.write = path, every, write  # write: False on all but the main process
+        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+        self._lock = threading.Lock()
+
+    def _record(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[name] = round(seconds, 2)
+            checkpoint.write_json(self.path, self.seconds)
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        if not self.write:
+            yield
+            return
+        earlier = self.seconds.get(name, 0.0)  # an invocation that was interrupted in this step
+        start = time.perf_counter()
+        done = threading.Event()
+
+        def heartbeat():
+            while not done.wait(self.every):
+                self._record(name, earlier + time.perf_counter() - start)
+
+        thread = threading.Thread(target=heartbeat, name=f"timings {name}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:  # also on an error or Ctrl-C: the rerun adds its seconds to these
+            done.set()
+            thread.join()
+            self._record(name, earlier + time.perf_counter() - start)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -93,8 +94,7 @@ class Study:
         raise EloError(f"the study has no cell named {name!r}; cells: {', '.join(c.name for c in self.cells)}")
 
 
-def log(message: str) -> None:
-    print(f"[elo study] {message}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__).info  # shown by the `elo` command (distributed.setup_logging)
 
 
 def builtin_studies() -> list[str]:
@@ -438,6 +438,7 @@ def collect(out: str | Path) -> dict:
 
 
 if __name__ == "__main__":  # one cell in its own process: `python -m elo_cpt.study STUDY_DIR CELL`
+    distributed.setup_logging()
     try:
         run_cell(sys.argv[1], sys.argv[2])
     except EloError as err:
