@@ -59,6 +59,7 @@ def models(tmp_path_factory) -> Path:
         make_tokenizer().save_pretrained(root / name)
     (root / "garbage.txt").write_bytes(os.urandom(20_000))
     (root / "notjson.jsonl").write_text("this is not json\n")
+    (root / "one.txt").write_text("Ein einziger Absatz, ohne Leerzeile dazwischen.\n")
     paragraphs = (TEXT / "de.txt").read_text().split("\n\n")
     with (root / "train.jsonl").open("w") as f:
         for i in range(40):
@@ -198,6 +199,11 @@ CASES = {
                                   "--out", "{w}/new/out"], "garbage.txt is not text"),
     "run-negative-max-chars": (["run", "model={m}/good", "data.target=[{m}/train.jsonl]", "data.eval={{de: {txt}}}", *GOOD_RUN,
                                 "eval.max_chars=-5", "--out", "{w}/out"], "eval.max_chars must be >= 0"),
+    "run-one-document-corpus": (["run", "model={m}/good", "data.target=[{m}/one.txt]", "data.eval={{de: {txt}}}", *GOOD_RUN,
+                                 "--out", "{w}/new/out"], "one.txt holds 1 document, too few to hold out 10%"),
+    "run-control-without-alignment": (["run", "model={m}/good", "data.target=[{m}/train.jsonl]", "data.eval={{de: {txt}}}",
+                                       *GOOD_RUN, "control=true", "align.token_ratio=0", "--out", "{w}/out"],
+                                      "control=true aligns the base model alone"),
     # bridge
     "bridge-seq-len-0": (["bridge", "{m}/shallow", "--data", "{m}/train.jsonl", "--seq-len", "0"], "--seq-len must be at least 1"),
     "bridge-binary-text": (["bridge", "{m}/shallow", "--data", "{m}/garbage.txt", "--tokens", "64", "--seq-len", "32"], "garbage.txt is not text"),

@@ -77,8 +77,10 @@ class TrainConfig:
 class Stage1Config(TrainConfig):
     """ELO stage 1: train only the selected layers of the shallow model."""
 
-    tokens: int | None = 160_000
-    """Stage-1 training tokens (target and English together)."""
+    tokens: int | None = None
+    """Stage-1 training tokens (target and replay together). Unset: 160,000 on the embedded demo corpora; with your own
+    data.target, one pass over the stage-1 part of your corpora at their shares (the corpus that runs out first
+    decides), counted when the run starts and stated in its log."""
     lr: float = 1.5e-5
     """Peak learning rate of the selected layers (the paper uses 5e-6 at 8B scale; see docs for the evidence)."""
     frozen_layers: str = ""

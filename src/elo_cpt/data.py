@@ -40,16 +40,19 @@ def _hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def split_stream(documents: Documents, holdout: float) -> tuple[Documents, Documents]:
+def split_stream(documents: Documents, holdout: float, name: str = "a corpus") -> tuple[Documents, Documents]:
     """Split a corpus into a leading part and a trailing `holdout` fraction of its documents, as two corpora.
 
     Documents of the tail that also occur in the head are dropped, so the parts share no text even when the corpus
     repeats itself. One pass reads the corpus to count and hash its documents; memory holds 8 bytes per document.
+    `name` names the corpus in the error a corpus too small to split gets.
     """
     hashes = np.fromiter((_hash(d) for d in documents()), dtype=np.uint64)
     cut = len(hashes) - max(1, round(len(hashes) * holdout)) if holdout > 0 else len(hashes)
     if cut <= 0:
-        raise EloError(f"a corpus of {len(hashes)} documents is too small to hold out {holdout:.0%} of it")
+        count = f"{len(hashes)} document{'s' if len(hashes) != 1 else ''}"
+        raise EloError(f"{name} holds {count}, too few to hold out {holdout:.0%} of them for the alignment; give it more "
+                       "documents (a .txt file splits into documents at blank lines)")
     repeated = np.isin(hashes[cut:], hashes[:cut])
 
     def head() -> Iterator[str]:
@@ -158,6 +161,28 @@ def _sample(documents: Documents, quota: int) -> list[str]:
     return taken
 
 
+def _token_rates(corpora: list[Documents], tokenizer) -> list[float]:
+    """Tokens per UTF-8 byte of each corpus, from its leading 200 KB, to turn token budgets into byte budgets."""
+    rates = []
+    for documents in corpora:
+        sample = _sample(documents, 200_000)
+        rates.append(_count_tokens(sample, tokenizer) / max(1, sum(len(d.encode()) for d in sample)))
+    return rates
+
+
+def one_pass_tokens(corpora: list[Documents], weights: list[float], tokenizer, names: list[str] | None = None,
+                    margin: float = 0.95) -> int:
+    """The largest token budget `mix_stream` can take from the corpora at these byte shares: one pass over the corpus
+    that runs out first. The corpora are read once to size them; their token rates are estimated from their
+    leading 200 KB, hence the `margin` kept below the estimate."""
+    names = names or [f"corpus {i + 1}" for i in range(len(corpora))]
+    shares = corpus.check_weights(list(weights), names)
+    sizes = [sum(len(d.encode()) for d in documents()) for documents in corpora]
+    total_bytes = min(size / share for size, share in zip(sizes, shares))
+    rates = _token_rates(corpora, tokenizer)
+    return int(margin * total_bytes * sum(share * rate for share, rate in zip(shares, rates)))
+
+
 def mix_stream(
     corpora: list[Documents], weights: list[float], tokenizer, n_tokens: int, names: list[str] | None = None
 ) -> Iterator[tuple[int, str]]:
@@ -171,11 +196,7 @@ def mix_stream(
     """
     names = names or [f"corpus {i + 1}" for i in range(len(corpora))]
     shares = corpus.check_weights(list(weights), names)
-    # Tokens per byte of each corpus, from a sample, to turn the token budget into a byte budget.
-    rates = []
-    for documents in corpora:
-        sample = _sample(documents, 200_000)
-        rates.append(_count_tokens(sample, tokenizer) / max(1, sum(len(d.encode()) for d in sample)))
+    rates = _token_rates(corpora, tokenizer)
     total_bytes = n_tokens / sum(share * rate for share, rate in zip(shares, rates))
     for _ in range(5):
         quotas = [round(share * total_bytes) for share in shares]

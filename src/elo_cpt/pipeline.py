@@ -39,6 +39,8 @@ from elo_cpt.stageclock import Timings
 from elo_cpt.errors import EloError
 
 
+#: Stage-1 tokens of the embedded demo when stage1.tokens is unset (the default run's budget; docs/results.md).
+DEMO_STAGE1_TOKENS = 160_000
 #: Settings a finished run can change without retraining: eval.* (evaluated again) and control (trained alone).
 ADDITIVE_SETTINGS = ("eval.", "control:")
 
@@ -46,8 +48,9 @@ ADDITIVE_SETTINGS = ("eval.", "control:")
 log = logging.getLogger(__name__).info  # shown by the `elo` command (distributed.setup_logging)
 
 
-def resolve_defaults(cfg: RunConfig) -> RunConfig:
-    """Fill what the user left empty with the embedded default (SmolLM2, German target, English replay)."""
+def resolve_defaults(cfg: RunConfig, out: Path | None = None) -> RunConfig:
+    """Fill what the user left empty: the embedded default (SmolLM2, German target, English replay) and, with the
+    user's own corpora, a stage-1 budget of one pass over them (the one recorded in `out`, when resuming there)."""
     if cfg.data.target and not cfg.data.eval:
         raise EloError("data.eval is empty; give held-out text per language, e.g. data.eval={ko: held_out_ko.txt, en: held_out_en.txt}")
     if cfg.data.target and not cfg.data.english and cfg.data.english_share > 0:
@@ -56,13 +59,13 @@ def resolve_defaults(cfg: RunConfig) -> RunConfig:
                        f"data.english_share={cfg.data.english_share}; give data.english=[...], or set "
                        "data.english_share=0 to train on target text only")
     if cfg.model and cfg.data.target:
-        return cfg
+        return with_token_budget(cfg, out)
     if not cfg.data.english and cfg.data.replay_language != "en" and cfg.data.english_share > 0:
         raise EloError(f"data.replay_language is {cfg.data.replay_language!r} but the embedded replay corpus is English; "
                        "give your replay corpora in data.english, or leave data.replay_language at en")
     default = assets.prepare_assets()
     if cfg.data.target:
-        return replace(cfg, model=str(default.model))
+        return with_token_budget(replace(cfg, model=str(default.model)), out)
     # No corpora given: the embedded ones of the target language (German by default, or e.g. target_language=ko).
     embedded = assets.prepare_language(cfg.target_language)
     return replace(
@@ -74,7 +77,46 @@ def resolve_defaults(cfg: RunConfig) -> RunConfig:
             english=cfg.data.english or [str(embedded.train_english)],
             eval=cfg.data.eval or {cfg.target_language: str(embedded.eval), "en": str(embedded.eval_english)},
         ),
+        stage1=replace(cfg.stage1, tokens=cfg.stage1.tokens or DEMO_STAGE1_TOKENS),
     )
+
+
+def with_token_budget(cfg: RunConfig, out: Path | None = None) -> RunConfig:
+    """`cfg` with an unset stage1.tokens set to one pass over the user's corpora (or to what the run in `out` recorded
+    for the same data), and an unset alignment budget capped at one pass over the held-out alignment part."""
+    if cfg.stage1.tokens is not None:
+        return cfg
+    recorded = yaml.safe_load((out / "config.yaml").read_text()) if out and (out / "config.yaml").is_file() else None
+    resolved = config_mod.to_dict(cfg)
+    if recorded and all(recorded.get(k) == resolved[k] for k in ("model", "data", "seq_len")):
+        return replace(cfg, stage1=replace(cfg.stage1, tokens=recorded["stage1"]["tokens"]),
+                       align=replace(cfg.align, tokens=recorded["align"]["tokens"]))
+    paths, weights, _ = mixture_sources(cfg)
+    log(f"stage1.tokens is unset: sizing one pass over {', '.join(map(str, paths))}")
+    tokenizer = checkpoint.load_tokenizer(cfg.model)
+    splits = [data.split_stream(functools.partial(corpus.source_documents, p), cfg.data.align_holdout, str(p)) for p in paths]
+    budgets = [data.one_pass_tokens([split[part] for split in splits], weights, tokenizer, [str(p) for p in paths])
+               // cfg.seq_len * cfg.seq_len for part in (0, 1)]
+    if budgets[0] < cfg.seq_len:
+        raise EloError(f"{', '.join(map(str, paths))} hold less than one {cfg.seq_len}-token sequence for stage 1; give more text")
+    stage1 = replace(cfg.stage1, tokens=budgets[0])
+    align = cfg.align
+    if align.tokens is None and align_tokens(replace(cfg, stage1=stage1)) > budgets[1]:
+        align = replace(align, tokens=budgets[1])  # the held-out part cannot fill token_ratio x stage 1
+    log(f"stage 1 will train {stage1.tokens:,} tokens, one pass over the corpora at their shares; alignment "
+        f"{align_tokens(replace(cfg, stage1=stage1, align=align)):,} tokens (set stage1.tokens and align.tokens to choose)")
+    return replace(cfg, stage1=stage1, align=align)
+
+
+def mixture_sources(cfg: RunConfig) -> tuple[list[str], list[float], list[str]]:
+    """The corpora of the training mixtures, each one's byte share and language: target corpora share
+    1 - data.english_share, replay corpora data.english_share (none when it is 0)."""
+    english = cfg.data.english if cfg.data.english_share > 0 else []
+    paths = cfg.data.target + english
+    weights = [(1 - cfg.data.english_share) / len(cfg.data.target)] * len(cfg.data.target)
+    weights += [cfg.data.english_share / len(english)] * len(english) if english else []
+    languages = [cfg.target_language] * len(cfg.data.target) + [cfg.data.replay_language] * len(english)
+    return paths, weights, languages
 
 
 def write_mixtures(cfg: RunConfig, folder: Path, parts: tuple[str, ...] = ("stage1", "align")) -> dict:
@@ -85,12 +127,8 @@ def write_mixtures(cfg: RunConfig, folder: Path, parts: tuple[str, ...] = ("stag
     atomically: a bad corpus raises before its file appears.
     """
     tokenizer = checkpoint.load_tokenizer(cfg.model)
-    english = cfg.data.english if cfg.data.english_share > 0 else []
-    paths = cfg.data.target + english
-    weights = [(1 - cfg.data.english_share) / len(cfg.data.target)] * len(cfg.data.target)
-    weights += [cfg.data.english_share / len(english)] * len(english) if english else []
-    languages = [cfg.target_language] * len(cfg.data.target) + [cfg.data.replay_language] * len(english)
-    splits = [data.split_stream(functools.partial(corpus.source_documents, p), cfg.data.align_holdout) for p in paths]
+    paths, weights, languages = mixture_sources(cfg)
+    splits = [data.split_stream(functools.partial(corpus.source_documents, p), cfg.data.align_holdout, str(p)) for p in paths]
     budgets = {"stage1": cfg.stage1.tokens, "align": align_tokens(cfg)}
     summary: dict = {}
     for index, (name, tokens) in enumerate(budgets.items()):
@@ -151,8 +189,8 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
     the bridges, merges, evaluates and writes the report, while the others wait (`distributed`).
     """
     started = time.perf_counter()
-    cfg = distributed.main_only(resolve_defaults, cfg)  # the embedded assets are prepared by one process
     out = Path(out)
+    cfg = distributed.main_only(resolve_defaults, cfg, out)  # the embedded assets are prepared by one process
     resolved = config_mod.to_dict(cfg)
     checked: dict = {}  # what the main process's checks found, for its evaluation at the end
     finished = distributed.main_only(prepare_run, cfg, out, resolved, checked)
