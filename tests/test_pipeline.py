@@ -74,6 +74,16 @@ def test_pipeline_on_a_tiny_model(tiny_model, corpora, tmp_path, capsys):
     assert (run / "stages" / "stage1" / "model.safetensors").stat().st_mtime_ns == stage1_weights
     assert "Stage 1's own contribution in German: the final model is" in (run / "report.md").read_text()
     assert controlled["environment"]["precision"] == {"stage1": "32-true", "align": "32-true", "control": "32-true"}
+    # Dropping the intermediate models deletes their weights and keeps their evaluation, stats and provenance.
+    lean = pipeline.run(tiny_run_config(tiny_model, corpora, "eval.max_chars=500", "control=true", "keep_intermediate=false"), run)
+    assert lean["eval"] == controlled["eval"] and lean["stages"]["control"]["training"] == controlled["stages"]["control"]["training"]
+    for name in ("stage1", "merged", "control"):
+        kept = {p.name for p in (run / "stages" / name).iterdir()}
+        assert not any(n.endswith(".safetensors") for n in kept) and "config.json" in kept, kept
+    assert (run / "stages" / "stage1" / "elo_provenance.json").is_file() and (run / "model" / "model.safetensors").is_file()
+    # evaluated again, the deleted models are left out, not failed on
+    again = pipeline.run(tiny_run_config(tiny_model, corpora, "eval.max_chars=400", "control=true", "keep_intermediate=false"), run)
+    assert set(again["eval"]) == {"base", "final"}
 
 
 def test_held_out_text_seen_in_training_is_reported(tiny_model, corpora, tmp_path, capsys):

@@ -178,6 +178,10 @@ class RunConfig:
     """Also align the base model alone (the same alignment data, budget and settings, no stage 1) and evaluate it, so
     the report shows stage 1's own contribution on your data; costs one more alignment. Can be turned on for a
     finished run: only the control is then trained."""
+    keep_intermediate: bool = True
+    """Keep the weights of the intermediate models (stages/stage1, stages/merged, stages/control) once the run is
+    evaluated; false deletes them, keeping their stats and provenance: the run folder then holds about one copy of
+    the base model (model/) instead of two or three. A run evaluated again cannot re-evaluate a deleted model."""
 
 
 def _field_docs(cls: type) -> dict[str, str]:

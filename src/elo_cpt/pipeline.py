@@ -41,8 +41,9 @@ from elo_cpt.errors import EloError
 
 #: Stage-1 tokens of the embedded demo when stage1.tokens is unset (the default run's budget; docs/results.md).
 DEMO_STAGE1_TOKENS = 160_000
-#: Settings a finished run can change without retraining: eval.* (evaluated again) and control (trained alone).
-ADDITIVE_SETTINGS = ("eval.", "control:")
+#: Settings a finished run can change without retraining: eval.* (evaluated again), control (trained alone) and
+#: keep_intermediate (the intermediate weights deleted).
+ADDITIVE_SETTINGS = ("eval.", "control:", "keep_intermediate:")
 
 
 log = logging.getLogger(__name__).info  # shown by the `elo` command (distributed.setup_logging)
@@ -247,7 +248,7 @@ def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dic
                 stale.unlink(missing_ok=True)
         elif changes:
             raise EloError(f"{out} holds a run with another configuration ({'; '.join(changes)}); choose another --out "
-                           "or delete it (settings under eval. and control alone can change: the run is then updated)")
+                           "or delete it (eval. settings, control and keep_intermediate alone can change: the run is then updated)")
         if metrics_path.is_file():
             log(f"{out} is already complete")
             metrics = json.loads(metrics_path.read_text())

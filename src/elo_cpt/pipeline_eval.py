@@ -39,6 +39,9 @@ def finish_run(cfg: RunConfig, out: Path, resolved: dict, data_summary: dict, ti
     models = [("base", cfg.model), ("merged", merged), ("final", model_dir)]
     models += [("control", out / "stages" / "control")] if cfg.control else []
     for name, path in models:
+        if name != "base" and not checkpoint.safetensors_files(Path(path)) and not (out / "eval" / f"{name}.json").is_file():
+            log(f"  the {findings.label(name)} was deleted (keep_intermediate=false): it is not evaluated again")
+            continue
         results[name], samples_out[name], scored = evaluate_model(cfg, name, path, out / "eval", timings, task_manager)
         if scored is not None:
             benchmarks[name] = scored
@@ -60,9 +63,24 @@ def finish_run(cfg: RunConfig, out: Path, resolved: dict, data_summary: dict, ti
     metrics["forgetting"] = findings.forgetting(metrics)
     checkpoint.write_text(model_dir / "README.md", modelcard.model_card(metrics))  # the model card, for sharing it
     checkpoint.write_json(out / "metrics.json", metrics)
+    if not cfg.keep_intermediate:
+        drop_intermediate(out)
     print(report.summary(metrics))
     print_report(out)
     return metrics
+
+
+def drop_intermediate(out: Path) -> None:
+    """Delete the weights of the stage-1, merged and control models (keep_intermediate=false), once evaluated; their
+    configs, stats and provenance stay, so the report still shows what they cost."""
+    freed = 0
+    for folder in (out / "stages" / name for name in ("stage1", "merged", "control")):
+        if folder.is_dir():
+            for weights in [*folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")]:
+                freed += weights.stat().st_size
+                weights.unlink()
+    if freed:
+        log(f"deleted the intermediate models' weights (keep_intermediate=false): {freed / 1e6:,.0f} MB freed")
 
 
 def environment(stages: dict) -> dict:
