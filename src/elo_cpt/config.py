@@ -1,6 +1,7 @@
 """Typed configuration of an ELO run: one YAML file plus `key=value` overrides (dotted keys for sections).
 
-A leaf module. Every field carries a docstring; `describe()` lists them for `elo run --show-config`.
+A leaf module. Every field carries a docstring; `describe()` lists them for `elo run --show-config`. Why plain
+dataclasses rather than jsonargparse, OmegaConf or pydantic: docs/design.md.
 """
 
 from __future__ import annotations

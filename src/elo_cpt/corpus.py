@@ -13,7 +13,7 @@ Face dataset folder written by `Dataset.save_to_disk`, or a dataset loaded by `d
 
 Sources are written `SOURCE[#FIELD][@WEIGHT]`; weights are relative shares of UTF-8 bytes (normalised to sum to
 1), as in the paper. Every reader streams: memory holds one document (one record batch for Parquet and
-datasets), never the corpus.
+datasets), never the corpus. Why files are read here rather than by `datasets.load_dataset`: docs/design.md.
 """
 
 from __future__ import annotations

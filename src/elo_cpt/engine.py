@@ -60,7 +60,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     The forward pass also computes the gradients (softmax minus one-hot, times the weight or the hidden states),
     so neither the full logits nor a recomputation is needed: memory holds one chunk x vocab block, and the
-    FLOPs equal those of the unchunked loss.
+    FLOPs equal those of the unchunked loss. Liger Kernel and Cut Cross-Entropy fuse the same on GPUs only (Triton);
+    this one runs, and is tested, everywhere (docs/design.md).
     """
 
     @staticmethod

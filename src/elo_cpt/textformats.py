@@ -115,7 +115,8 @@ def _request_text(name: str, args: list[str]) -> str:
 
 
 def roff_to_text(src: str) -> str:
-    """Plain text of a man page written in roff (man or mdoc macros), without needing groff.
+    """Plain text of a man page written in roff (man or mdoc macros), without needing groff: groff's output varies
+    with its version and settings, and the demo corpus must be byte-identical everywhere (docs/design.md).
 
     Filled paragraphs become single lines; section headings stand after a blank line; tables keep one
     line per row. Requests that only format (spacing, fonts, registers, macro definitions) vanish.
