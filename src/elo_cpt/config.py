@@ -317,6 +317,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+#: How a whole model is fine-tuned (`elo finetune --method`, `align.method`): every parameter, only some layers, LoRA.
+FINETUNE_METHODS = ("fft", "freeze", "lora")
+
+
 def train_checks(train: TrainConfig, prefix: str = "", min_tokens: int = 1) -> list[tuple[bool, str]]:
     """(holds, message) for each setting of one training stage; `prefix` names the stage's section in messages."""
     return [
@@ -359,7 +363,13 @@ def validate(config: RunConfig) -> None:
         (0 < config.data.align_holdout < 1, "data.align_holdout must be in (0, 1)"),
         (config.align.token_ratio >= 0, "align.token_ratio must be >= 0"),
         (config.eval.max_chars >= 0, "eval.max_chars must be >= 0 (0 means all)"),
-        (config.align.method in ("fft", "freeze", "lora"), "align.method must be fft, freeze or lora"),
+        (config.align.method in FINETUNE_METHODS, f"align.method must be one of {', '.join(FINETUNE_METHODS)}"),
+        (config.eval.sample_tokens >= 0, "eval.sample_tokens must be >= 0 (0 turns generation samples off)"),
+        (config.eval.limit is None or config.eval.limit >= 1, "eval.limit must be at least 1, or empty to run every example"),
+        (config.eval.english_tolerance_pct >= 0, "eval.english_tolerance_pct must be >= 0"),
+        (not config.control or config.align.tokens != 0 and (config.align.tokens or config.align.token_ratio > 0),
+         "control=true aligns the base model alone to compare with ELO, but the alignment budget is 0; give "
+         "align.tokens (or align.token_ratio), or turn control off"),
         (config.stage1.bridge_tokens == AUTO or (isinstance(config.stage1.bridge_tokens, int) and config.stage1.bridge_tokens >= 0),
          f"stage1.bridge_tokens must be a token count >= 0 (0 turns bridges off) or {AUTO}, not {config.stage1.bridge_tokens!r}"),
     ]

@@ -272,9 +272,6 @@ def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dic
     for path in cfg.data.eval.values():
         evaluation.read_eval_text(path)
     checked["tasks"] = check_eval_settings(cfg)
-    if cfg.control and not align_tokens(cfg):
-        raise EloError("control=true aligns the base model alone to compare with ELO, but the alignment budget is 0; "
-                       "give align.tokens (or align.token_ratio), or turn control off")
     data_dir = out / "data"
     if not (data_dir / "summary.json").is_file():
         log("[1/6] preparing the stage-1 and alignment mixtures")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from elo_cpt import checkpoint, evaluation, findings, lmeval, modelcard, precision as precision_mod, report, samples, train
 from elo_cpt.config import RunConfig, elo_version
-from elo_cpt.errors import EloError
 from elo_cpt.stageclock import Timings
 
 
@@ -129,13 +128,8 @@ def evaluate_model(
 
 
 def check_eval_settings(cfg: RunConfig) -> lmeval.TaskManager | None:
-    """Reject bad evaluation settings before anything is trained; the lm-eval task manager when tasks are named."""
-    if cfg.eval.sample_tokens < 0:
-        raise EloError("eval.sample_tokens must be >= 0 (0 turns generation samples off)")
-    if cfg.eval.limit is not None and cfg.eval.limit < 1:
-        raise EloError("eval.limit must be at least 1, or empty to run every example")
-    if cfg.eval.english_tolerance_pct < 0:
-        raise EloError("eval.english_tolerance_pct must be >= 0")
+    """The lm-eval task manager when tasks are named, after checking that they exist (before anything is trained;
+    the settings' values are checked with the rest of the config, in `config.validate`)."""
     return lmeval.task_manager(cfg.eval.tasks, cfg.eval.include_path) if cfg.eval.tasks else None
 
 

@@ -24,13 +24,13 @@ from transformers import AutoConfig, PreTrainedModel
 
 from elo_cpt import checkpoint, data, distributed, surgery
 from elo_cpt import precision as precision_mod
-from elo_cpt.config import AUTO, TrainConfig, bridge_token_count, check_seq_len, validate_train
+from elo_cpt.config import AUTO, FINETUNE_METHODS, TrainConfig, bridge_token_count, check_seq_len, validate_train
 from elo_cpt.engine import StageStats, last_complete_checkpoint, run_trainer
 from elo_cpt.errors import EloError
 from elo_cpt.stageclock import CLOCK_FILE
 
 STATS_FILE = "training_stats.json"
-METHODS = ("fft", "freeze", "lora")
+METHODS = FINETUNE_METHODS
 
 
 def train_only_layers(model: PreTrainedModel, layers: list[int] | None = None) -> int:
