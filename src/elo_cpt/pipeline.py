@@ -201,14 +201,7 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
     data_summary = json.loads((data_dir / "summary.json").read_text())
     timings = Timings(out / "timings.json", write=distributed.is_main())
 
-    shallow, stage1, merged = (out / "stages" / n for n in ("shallow", "stage1", "merged"))
-    if not stage1.is_dir():
-        distributed.main_only(detach_step, cfg, data_dir / "stage1.jsonl", shallow, timings)
-        log(f"[3/6] ELO stage 1: training layers {cfg.layers} of the shallow model on {cfg.stage1.tokens:,} tokens")
-        with timings.step("stage1"):
-            train.pretrain(shallow, [str(data_dir / "stage1.jsonl")], stage1, cfg.stage1, cfg.seq_len, cfg.seed,
-                           train_norm=cfg.stage1.train_norm)
-    distributed.main_only(merge_step, cfg, shallow, stage1, merged, timings)
+    merged = stage1_and_merge(cfg, data_dir / "stage1.jsonl", out / "stages", timings)
     model_dir = out / "model"
     if not model_dir.is_dir():
         with timings.step("align"):
@@ -316,6 +309,21 @@ def build_data(cfg: RunConfig, out: Path, resolved: dict) -> None:
 
 def write_config(path: Path, resolved: dict) -> None:
     checkpoint.write_text(path, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+
+
+def stage1_and_merge(cfg: RunConfig, stage1_data: Path, folder: Path, timings: Timings) -> Path:
+    """ELO's detach, stage 1 and write-back into folder/shallow, folder/stage1 and folder/merged, each step skipped
+    when its output is there (the shallow model is deleted once merged); the merged model's folder. Every process
+    trains, the main one alone detaches and merges (`elo study` shares one stage 1 between cells this way too)."""
+    shallow, stage1, merged = (folder / name for name in ("shallow", "stage1", "merged"))
+    if not stage1.is_dir():
+        distributed.main_only(detach_step, cfg, stage1_data, shallow, timings)
+        log(f"[3/6] ELO stage 1: training layers {cfg.layers} of the shallow model on {cfg.stage1.tokens:,} tokens")
+        with timings.step("stage1"):
+            train.pretrain(shallow, [str(stage1_data)], stage1, cfg.stage1, cfg.seq_len, cfg.seed,
+                           train_norm=cfg.stage1.train_norm)
+    distributed.main_only(merge_step, cfg, shallow, stage1, merged, timings)
+    return merged
 
 
 def detach_step(cfg: RunConfig, stage1_data: Path, shallow: Path, timings: Timings) -> None:

@@ -100,13 +100,13 @@ def evaluate_model(
 
     The model is loaded once for all of them, and only when something is missing.
     """
-    eval_dir.mkdir(exist_ok=True)
+    eval_dir.mkdir(parents=True, exist_ok=True)
     bits, sampled, scored = (eval_dir / f"{name}{suffix}.json" for suffix in ("", ".samples", ".lm_eval"))
     wanted_prompts = samples.prompts_for([cfg.target_language, *cfg.data.eval], cfg.eval.prompts) if cfg.eval.sample_tokens else {}
     benchmark = task_manager is not None and name in ("base", "final")
     missing = [f for f in (bits, sampled) if not f.is_file()] + ([scored] if benchmark and not scored.is_file() else [])
     if missing:
-        log(f"  evaluating the {findings.MODEL_LABELS[name]}")
+        log(f"  evaluating the {findings.label(name)}")
         model, tokenizer = evaluation.load_for_eval(path)
         if bits in missing or sampled in missing:
             with timings.step(f"eval {name}"):
@@ -117,7 +117,7 @@ def evaluate_model(
                 if sampled in missing:
                     checkpoint.write_json(sampled, samples.generate_samples(model, tokenizer, wanted_prompts, cfg.eval.sample_tokens))
         if scored in missing:
-            log(f"  lm-eval {', '.join(cfg.eval.tasks)} on the {findings.MODEL_LABELS[name]}")
+            log(f"  lm-eval {', '.join(cfg.eval.tasks)} on the {findings.label(name)}")
             with timings.step(f"lm-eval {name}"):
                 raw = lmeval.run_lm_eval(model, tokenizer, cfg.eval.tasks, task_manager, cfg.eval.limit, cfg.eval.batch_size)
                 checkpoint.write_json(scored, lmeval.compact_results(raw))

@@ -49,9 +49,10 @@ from pathlib import Path
 
 import yaml
 
-from elo_cpt import checkpoint, config as config_mod, costmodel, distributed, evaluation, pipeline, surgery, train
+from elo_cpt import checkpoint, config as config_mod, costmodel, distributed, pipeline, pipeline_eval, surgery, train
 from elo_cpt.config import RunConfig
 from elo_cpt.errors import EloError
+from elo_cpt.stageclock import Timings
 
 METHODS = ("base", "elo", "control", "fft", "lora", "freeze")
 BUDGETS = ("tokens", "flops")
@@ -310,43 +311,28 @@ def _shared_stage1(cfg: RunConfig, root: Path) -> tuple[Path, dict]:
     settings = {"model": cfg.model, "layers": cfg.layers, "stage1": dataclasses.asdict(cfg.stage1), "seq_len": cfg.seq_len,
                 "seed": cfg.seed, "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "eval"}}
     folder = root / "stage1" / _key(settings)
-    merged, stage1, shallow = folder / "merged", folder / "stage1", folder / "shallow"
-    if not merged.is_dir():
-        stage1_data = distributed.main_only(_prepare_stage1, cfg, folder, settings)
-        if not stage1.is_dir():  # every process trains; the main one alone writes
-            train.pretrain(shallow, [str(stage1_data)], stage1, cfg.stage1, cfg.seq_len, cfg.seed, train_norm=cfg.stage1.train_norm)
-        distributed.main_only(_merge_stage1, cfg, shallow, stage1, merged)
-    return folder, json.loads((stage1 / train.STATS_FILE).read_text())
+    if not (folder / "merged").is_dir():
+        stage1_data = distributed.main_only(_stage1_mixture, cfg, folder, settings)
+        pipeline.stage1_and_merge(cfg, stage1_data, folder, Timings(folder / "timings.json", write=distributed.is_main()))
+    return folder, json.loads((folder / "stage1" / train.STATS_FILE).read_text())
 
 
-def _prepare_stage1(cfg: RunConfig, folder: Path, settings: dict) -> Path:
-    """The shared stage 1's mixture and shallow model (main process); the mixture's path."""
+def _stage1_mixture(cfg: RunConfig, folder: Path, settings: dict) -> Path:
+    """The shared stage 1's mixture (main process), written once with the settings it was built for."""
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(folder / "settings.json", settings)
-    stage1_data = _mixtures(replace(cfg, align=replace(cfg.align, tokens=0)), folder / "data", ("stage1",))["stage1"]
-    if not (folder / "stage1").is_dir():
-        pipeline.make_shallow(cfg, stage1_data, folder / "shallow")
-    return stage1_data
-
-
-def _merge_stage1(cfg: RunConfig, shallow: Path, stage1: Path, merged: Path) -> None:
-    shutil.rmtree(shallow, ignore_errors=True)
-    surgery.merge(cfg.model, stage1, merged)
+    return _mixtures(replace(cfg, align=replace(cfg.align, tokens=0)), folder / "data", ("stage1",))["stage1"]
 
 
 def _evaluate(cfg: RunConfig, model_dir: Path, cache: Path) -> dict:
-    """Bits/char per language of a model folder, cached in `cache` under the evaluation settings (main process)."""
-    return distributed.main_only(_evaluate_once, cfg, model_dir, cache)
-
-
-def _evaluate_once(cfg: RunConfig, model_dir: Path, cache: Path) -> dict:
+    """Bits/char per language of a model folder, by `elo run`'s own evaluation step (main process; no samples and
+    no lm-eval), cached in a folder beside `cache` named for the evaluation settings."""
     settings = {"eval": cfg.data.eval, "max_chars": cfg.eval.max_chars, "seq_len": cfg.seq_len}
-    path = cache.with_name(f"{cache.name}-{_key(settings)}.json")
-    if not path.is_file():
-        result = evaluation.evaluate(model_dir, cfg.data.eval, seq_len=cfg.seq_len, max_chars=cfg.eval.max_chars,
-                                     batch_size=cfg.eval.batch_size)
-        checkpoint.write_json(path, result)
-    return json.loads(path.read_text())
+    folder = cache.with_name(f"{cache.name}-{_key(settings)}")
+    bits_only = replace(cfg, eval=replace(cfg.eval, sample_tokens=0, tasks=[]))
+    timings = Timings(folder / "timings.json", write=False)
+    name = cache.name.removeprefix("eval-")  # base, merged or final
+    return distributed.main_only(pipeline_eval.evaluate_model, bits_only, name, model_dir, folder, timings, None)[0]
 
 
 def run_cell(out: str | Path, name: str) -> dict:
