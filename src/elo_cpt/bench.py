@@ -90,7 +90,7 @@ def build_model(model: str, method: str, layers: list[int], lora_rank: int, dtyp
     if method == "freeze":
         train.train_only_layers(net, layers)
     elif method == "lora":
-        net = train._with_lora(net, lora_rank)
+        net = train.with_lora(net, lora_rank)
     else:
         net.requires_grad_(True)
     return net
@@ -140,15 +140,8 @@ def measure(model: str, method: str, layers: list[int], batch: int, seq: int, st
         return float(loss)
 
     def forward_loss(ids):
-        if chunk:  # as EloTrainer.compute_loss: the model returns hidden states, the head runs in the loss
-            head = net.get_output_embeddings()
-            net.set_output_embeddings(engine.Passthrough())
-            try:
-                hidden = net(input_ids=ids).logits
-            finally:
-                net.set_output_embeddings(head)
-            return engine.chunked_lm_loss(head, hidden, ids, chunk)
-        return net(input_ids=ids, labels=ids).loss
+        # the loss EloTrainer computes; the optimizer step is a plain loop, as Trainer's own step adds nothing to time
+        return engine.model_lm_loss(net, ids, ids, chunk) if chunk else net(input_ids=ids, labels=ids).loss
 
     for _ in range(warmup):
         step()

@@ -7,6 +7,7 @@ distributed launch (torchrun / accelerate launch -> DDP).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
@@ -113,6 +114,26 @@ def chunked_lm_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
     return total / (num_items if num_items is not None else (targets != -100).sum().clamp(min=1))
 
 
+def model_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int,
+                  num_items: torch.Tensor | int | None = None, inner: nn.Module | None = None,
+                  head_autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+    """The loss of one batch as elo-cpt trains it, shared by `EloTrainer` and `elo bench`: the model runs with its
+    head replaced by a pass-through, so it returns hidden states, and the head runs in `chunked_lm_loss`.
+
+    `inner` is the model whose head is swapped when `model` is a wrapper (DDP, Accelerate); `head_autocast` runs the
+    head in the precision the wrapper's forward ran in (Accelerate autocasts only the model's forward).
+    """
+    inner = model if inner is None else inner
+    head = inner.get_output_embeddings()
+    inner.set_output_embeddings(Passthrough())
+    try:
+        hidden = model(input_ids=input_ids).logits
+    finally:
+        inner.set_output_embeddings(head)
+    with head_autocast or contextlib.nullcontext():
+        return chunked_lm_loss(head, hidden, labels, chunk, num_items)
+
+
 def supports_chunked_loss(model: PreTrainedModel, distributed: bool) -> bool:
     """Chunking needs a plain linear head without bias, and no logit soft-capping or scaling after it. Under DDP the
     head must be frozen, since it runs outside the wrapped forward and its gradient would not be synchronised."""
@@ -135,16 +156,8 @@ class EloTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.loss_chunk:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        inner = self.accelerator.unwrap_model(model)
-        head = inner.get_output_embeddings()
-        inner.set_output_embeddings(Passthrough())
-        try:
-            hidden = model(input_ids=inputs["input_ids"]).logits
-        finally:
-            inner.set_output_embeddings(head)
-        # Accelerate autocasts only the model's forward; the head runs here, so it gets the same precision.
-        with self.accelerator.autocast():
-            loss = chunked_lm_loss(head, hidden, inputs["labels"], self.loss_chunk, num_items_in_batch)
+        loss = model_lm_loss(model, inputs["input_ids"], inputs["labels"], self.loss_chunk, num_items_in_batch,
+                             inner=self.accelerator.unwrap_model(model), head_autocast=self.accelerator.autocast())
         # Trainer counts `num_items_in_batch` over the accumulated batch of every process (for models that take loss
         # kwargs) and then leaves the loss undivided by the accumulation steps; DDP averages the gradients across
         # processes, which the global count has already done, hence the same rescaling as Trainer's own loss.

@@ -194,7 +194,7 @@ def finetune(
         if method == "freeze":
             train_only_layers(model, surgery.resolve_layers(layers, surgery.num_layers(model.config)))
         elif method == "lora":
-            model = _with_lora(model, (cfg or TrainConfig()).lora_rank)
+            model = with_lora(model, (cfg or TrainConfig()).lora_rank)
         return model
 
     def save(model: PreTrainedModel, staging: Path) -> None:
@@ -203,7 +203,8 @@ def finetune(
     return _run_stage(model_dir, sources, out, cfg or TrainConfig(), seq_len, seed, prepare, save, {"method": method})
 
 
-def _with_lora(model: PreTrainedModel, rank: int):
+def with_lora(model: PreTrainedModel, rank: int):
+    """`model` with LoRA adapters of rank `rank` (alpha 2 x rank) on every linear layer; only they train."""
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
