@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from elo_cpt import assets as assets_module
-from elo_cpt.assets import DefaultAssets, cache_root, prepare_assets
+from elo_cpt.assets import DefaultAssets, prepare_assets
+from elo_cpt.files import cache_root
 from elo_cpt.errors import EloError
 from elo_cpt.textformats import mallard_to_text, parse_fortunes, roff_to_text
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from elo_cpt import assets as assets_module
-from elo_cpt.assets import LanguageAssets, cache_root, prepare_assets, prepare_language
+from elo_cpt.assets import LanguageAssets, prepare_assets, prepare_language
+from elo_cpt.files import cache_root
 from elo_cpt.errors import EloError
 from elo_cpt.textformats import hangul_lines, hangul_share, html_to_text, mallard_to_text
 

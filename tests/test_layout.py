@@ -12,7 +12,7 @@ import elo_cpt
 PACKAGE = Path(elo_cpt.__file__).parent
 LEVELS = {
     0: {"errors", "config", "checkpoint", "costmodel", "assets", "textformats", "report", "report_figures",
-        "study_report", "samples", "precision", "hub", "distributed", "modelcard", "findings"},
+        "study_report", "samples", "precision", "hub", "distributed", "modelcard", "findings", "files"},
     1: {"corpus", "tokencache", "data", "surgery", "stageclock", "chatvector"},
     2: {"engine", "train", "evaluation", "lmeval"},
     3: {"pipeline", "pipeline_eval", "study", "bench"},

@@ -32,6 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from elo_cpt.errors import EloError
+from elo_cpt.files import cache_root, write_text
 from elo_cpt.textformats import hangul_lines, html_to_text, mallard_to_text, parse_fortunes, roff_to_text
 
 FORMAT = 1  # bump when the cleaning changes, so that old caches are rebuilt
@@ -83,14 +84,6 @@ class LanguageAssets:
     eval_english: Path  # the default held-out English text
 
 
-def cache_root() -> Path:
-    """$ELO_CPT_CACHE if set, else $XDG_CACHE_HOME/elo-cpt, else ~/.cache/elo-cpt."""
-    if os.environ.get("ELO_CPT_CACHE"):
-        return Path(os.environ["ELO_CPT_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "elo-cpt"
-
-
 # ---------------------------------------------------------------- preparation
 
 
@@ -106,14 +99,8 @@ def _sha256(path: Path) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file renamed into place, so a crash never leaves a finished-looking file."""
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.",
-                                     delete=False) as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(f.name, 0o644)  # NamedTemporaryFile makes 0600; a shared cache must stay readable
-    os.replace(f.name, path)
+    write_text(path, text)
+    path.chmod(0o644)  # a shared cache must stay readable, whatever the umask of whoever prepared it
 
 
 @contextlib.contextmanager
@@ -245,7 +232,7 @@ def _prepare_corpora(assets: DefaultAssets) -> tuple[dict[str, dict[str, str]], 
 
 def _remove_stale(folder: Path) -> None:
     """Remove what a crashed run left in `folder`; only call while holding the lock."""
-    for stale in folder.glob(f"{TMP_PREFIX}*"):
+    for stale in [*folder.glob(f"{TMP_PREFIX}*"), *folder.glob(".*.tmp")]:
         if stale.is_dir():
             shutil.rmtree(stale)
         else:

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from elo_cpt import checkpoint, hub
+from elo_cpt import checkpoint, files, hub
 from elo_cpt.errors import EloError
 
 #: Written beside the output weights: where the vector came from and how it was applied.
@@ -114,7 +114,7 @@ def chat_vector(target: str | Path, base: str | Path, instruct: str | Path, out:
             "tied_embeddings": tied,
             "vocabulary": {name: {**sizes, "rows_with_vector": rows.get(name, 0)} for name, sizes in sorted(differing.items())},
         }
-        checkpoint.write_json(staging / PROVENANCE, provenance)
+        files.write_json(staging / PROVENANCE, provenance)
     if model_digests["base"] == model_digests["instruct"]:
         print("warning: base and instruct hold the same weights: the chat vector is zero and the output is the target",
               file=sys.stderr)

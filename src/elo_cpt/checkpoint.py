@@ -276,23 +276,6 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return h.hexdigest()[:32]
 
 
-def write_json(path: Path, obj: object) -> None:
-    """Write JSON through a temporary file so a reader never sees half of it."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary file so a reader never sees half of it (nor an emptied file when the
-    disk is full: the temporary file is removed and the old file stays)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def read_provenance(model_dir: Path) -> dict:
     path = Path(model_dir) / PROVENANCE
     if not path.is_file():

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from elo_cpt import corpus, tokencache
+from elo_cpt import corpus, files, tokencache
 from elo_cpt.corpus import TEXT_FIELD, TOKENIZE_BATCH, Source
 from elo_cpt.errors import EloError
 
@@ -239,16 +239,11 @@ def mix_documents(
 
 def write_jsonl(path: Path, records: Iterable[str | dict]) -> int:
     """Write documents (or dicts holding a `text` field and more) as JSON lines, atomically; return how many."""
-    tmp = path.with_name(f".{path.name}.tmp")
     count = 0
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps({TEXT_FIELD: record} if isinstance(record, str) else record, ensure_ascii=False) + "\n")
-                count += 1
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with files.replacing(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps({TEXT_FIELD: record} if isinstance(record, str) else record, ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 from transformers import AutoConfig
 
-from elo_cpt import assets, checkpoint, config as config_mod, corpus, data, distributed, evaluation, report, surgery, train
+from elo_cpt import assets, checkpoint, config as config_mod, corpus, data, distributed, evaluation, files, report, surgery, train
 from elo_cpt.config import RunConfig
 from elo_cpt.pipeline_eval import check_eval_settings, finish_run, print_report
 from elo_cpt.stageclock import Timings
@@ -293,7 +293,7 @@ def build_data(cfg: RunConfig, out: Path, resolved: dict) -> None:
                 (d for part in ("stage1", "align") if (staging / f"{part}.jsonl").is_file()
                  for d in corpus.iter_documents(staging / f"{part}.jsonl")),
                 evaluation.read_eval_text(path, cfg.eval.max_chars), name=f"held-out {lang} text {path}")
-        checkpoint.write_json(staging / "summary.json", summary)
+        files.write_json(staging / "summary.json", summary)
         out.mkdir(parents=True, exist_ok=True)
         # the config first: a run interrupted before the move is then resumed (and rebuilds its data)
         write_config(config_path, resolved)
@@ -308,7 +308,7 @@ def build_data(cfg: RunConfig, out: Path, resolved: dict) -> None:
 
 
 def write_config(path: Path, resolved: dict) -> None:
-    checkpoint.write_text(path, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    files.write_text(path, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
 
 
 def stage1_and_merge(cfg: RunConfig, stage1_data: Path, folder: Path, timings: Timings) -> Path:

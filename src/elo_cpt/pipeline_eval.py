@@ -14,7 +14,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from elo_cpt import checkpoint, evaluation, findings, lmeval, modelcard, precision as precision_mod, report, samples, train
+from elo_cpt import checkpoint, evaluation, files, findings, lmeval, modelcard, precision as precision_mod, report, samples, train
 from elo_cpt.config import RunConfig, elo_version
 from elo_cpt.stageclock import Timings
 
@@ -60,8 +60,8 @@ def finish_run(cfg: RunConfig, out: Path, resolved: dict, data_summary: dict, ti
         "this_invocation_seconds": round(time.perf_counter() - started, 1),
     }
     metrics["forgetting"] = findings.forgetting(metrics)
-    checkpoint.write_text(model_dir / "README.md", modelcard.model_card(metrics))  # the model card, for sharing it
-    checkpoint.write_json(out / "metrics.json", metrics)
+    files.write_text(model_dir / "README.md", modelcard.model_card(metrics))  # the model card, for sharing it
+    files.write_json(out / "metrics.json", metrics)
     if not cfg.keep_intermediate:
         drop_intermediate(out)
     print(report.summary(metrics))
@@ -113,14 +113,14 @@ def evaluate_model(
                 if bits in missing:
                     result = evaluation.evaluate(model, cfg.data.eval, tokenizer, seq_len=cfg.seq_len, max_chars=cfg.eval.max_chars,
                                                  batch_size=cfg.eval.batch_size)
-                    checkpoint.write_json(bits, result)
+                    files.write_json(bits, result)
                 if sampled in missing:
-                    checkpoint.write_json(sampled, samples.generate_samples(model, tokenizer, wanted_prompts, cfg.eval.sample_tokens))
+                    files.write_json(sampled, samples.generate_samples(model, tokenizer, wanted_prompts, cfg.eval.sample_tokens))
         if scored in missing:
             log(f"  lm-eval {', '.join(cfg.eval.tasks)} on the {findings.label(name)}")
             with timings.step(f"lm-eval {name}"):
                 raw = lmeval.run_lm_eval(model, tokenizer, cfg.eval.tasks, task_manager, cfg.eval.limit, cfg.eval.batch_size)
-                checkpoint.write_json(scored, lmeval.compact_results(raw))
+                files.write_json(scored, lmeval.compact_results(raw))
         del model
         gc.collect()
     loaded = [json.loads(f.read_text()) for f in (bits, sampled)]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -26,6 +25,7 @@ import jinja2
 import yaml
 
 from elo_cpt.errors import EloError
+from elo_cpt.files import write_bytes, write_text
 from elo_cpt.findings import (LANGUAGES, STAGE_LABELS, environment_line, explanations, forgetting, label, language,
                                references, resumes, tolerance_pct, training_records, training_rows)
 from elo_cpt.report_figures import plot_bits_per_char, plot_cost, plot_losses
@@ -312,12 +312,6 @@ def _md_table(t: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, content: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
-    os.replace(tmp, path)
-
-
 def load_metrics(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -343,11 +337,11 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     images = {key: base64.b64encode(png).decode("ascii") for key, png in content["figures"].items()}
     page = environment.from_string(_template("report.html.j2")).render(c=content, images=images)
 
-    files = run_dir / FILES_DIR
-    files.mkdir(exist_ok=True)
+    figures_dir = run_dir / FILES_DIR
+    figures_dir.mkdir(exist_ok=True)
     for key, png in content["figures"].items():
-        _write_atomic(files / f"{key}.png", png)
-    for stale in files.glob("*.png"):
+        write_bytes(figures_dir / f"{key}.png", png)
+    for stale in figures_dir.glob("*.png"):
         if stale.stem not in content["figures"]:
             stale.unlink()
     markdown_env = jinja2.Environment(autoescape=False, undefined=jinja2.StrictUndefined)
@@ -356,6 +350,6 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     markdown = markdown_env.from_string(_template("report.md.j2")).render(c=content, files=FILES_DIR)
 
     md_path, html_path = run_dir / MD_FILE, run_dir / HTML_FILE
-    _write_atomic(md_path, markdown)
-    _write_atomic(html_path, page)
+    write_text(md_path, markdown)
+    write_text(html_path, page)
     return html_path, md_path

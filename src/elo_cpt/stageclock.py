@@ -1,7 +1,7 @@
 """The cost of a training stage over every invocation that trained it, interrupted ones included.
 
 A Trainer callback keeps the running total in the stage's staging folder, where a rerun that resumes the stage
-finds it. Of elo_cpt it imports only the atomic JSON writer (checkpoint).
+finds it. Of elo_cpt it imports only the atomic JSON writer (files).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from elo_cpt import checkpoint
+from elo_cpt import files
 
 #: The running total of a stage's training seconds and invocations, in its staging folder (`OUT.partial/`).
 CLOCK_FILE = "stage_clock.json"
@@ -45,7 +45,7 @@ class StageClock(TrainerCallback):
 
     def save(self) -> None:
         if self.write:
-            checkpoint.write_json(self.path, {"seconds": round(self.seconds, 3), "invocations": self.invocations})
+            files.write_json(self.path, {"seconds": round(self.seconds, 3), "invocations": self.invocations})
         self.saved = time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -75,7 +75,7 @@ class Timings:
     def _record(self, name: str, seconds: float) -> None:
         with self._lock:
             self.seconds[name] = round(seconds, 2)
-            checkpoint.write_json(self.path, self.seconds)
+            files.write_json(self.path, self.seconds)
 
     @contextlib.contextmanager
     def step(self, name: str):

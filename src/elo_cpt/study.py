@@ -49,7 +49,7 @@ from pathlib import Path
 
 import yaml
 
-from elo_cpt import checkpoint, config as config_mod, costmodel, distributed, pipeline, pipeline_eval, surgery, train
+from elo_cpt import checkpoint, config as config_mod, costmodel, distributed, files, pipeline, pipeline_eval, surgery, train
 from elo_cpt.config import RunConfig
 from elo_cpt.errors import EloError
 from elo_cpt.stageclock import Timings
@@ -244,7 +244,7 @@ def study(spec: str | Path | dict, out: str | Path, cells: list[str] | str | Non
         log(f"cell {index}/{len(chosen)} {cell.name}: {cell.method}, {p['tokens']:,} training tokens, "
             f"{p['flops'] / 1e12:.1f} TFLOPs (cost model)")
         folder.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json(folder / "cell.json", _record(parsed, cell, p))
+        files.write_json(folder / "cell.json", _record(parsed, cell, p))
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         launcher = shlex.split(launch) if launch else [sys.executable]
         proc = subprocess.run([*launcher, "-m", "elo_cpt.study", str(out), cell.name], env=env)
@@ -320,7 +320,7 @@ def _shared_stage1(cfg: RunConfig, root: Path) -> tuple[Path, dict]:
 def _stage1_mixture(cfg: RunConfig, folder: Path, settings: dict) -> Path:
     """The shared stage 1's mixture (main process), written once with the settings it was built for."""
     folder.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_json(folder / "settings.json", settings)
+    files.write_json(folder / "settings.json", settings)
     return _mixtures(replace(cfg, align=replace(cfg.align, tokens=0)), folder / "data", ("stage1",))["stage1"]
 
 
@@ -394,7 +394,7 @@ def run_cell(out: str | Path, name: str) -> dict:
 
 
 def _finish_cell(folder: Path, result: dict, drop: Path | None) -> None:
-    checkpoint.write_json(folder / RESULT, result)
+    files.write_json(folder / RESULT, result)
     if drop is not None:
         shutil.rmtree(drop, ignore_errors=True)
 
@@ -418,7 +418,7 @@ def collect(out: str | Path) -> dict:
             rows.append({"name": cell.name, "method": cell.method, "group": cell.group, "missing": True})
     results = {"target_language": cfg.target_language, "model": cfg.model, "run": parsed.run,
                "machine": study_report.machine(), "cells": rows}
-    checkpoint.write_json(out / "results.json", results)
+    files.write_json(out / "results.json", results)
     study_report.write(out, results)
     return results
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from elo_cpt import checkpoint
+from elo_cpt import checkpoint, files
 from elo_cpt.errors import EloError
 
 _SPEC_ITEM = re.compile(r"^(-?\d+)?(:)?(-?\d+)?$")
@@ -268,7 +268,7 @@ def save_shallow(model: PreTrainedModel, provenance: dict, tokenizer_dir: Path, 
     """Save a shallow model with its provenance and the base model's tokenizer files."""
     model.save_pretrained(out_dir, safe_serialization=True)
     checkpoint.copy_side_files(tokenizer_dir, out_dir, skip=("config.json", "generation_config.json"))
-    checkpoint.write_json(out_dir / checkpoint.PROVENANCE, provenance)
+    files.write_json(out_dir / checkpoint.PROVENANCE, provenance)
 
 
 def merge(base_dir: str | Path, shallow_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from elo_cpt import files
 from elo_cpt.corpus import Source, check_weights, source_digest
 from elo_cpt.errors import EloError
 
@@ -29,11 +30,9 @@ def too_small(tokens: int, seq_len: int, what: str) -> EloError:
 
 def token_cache_dir() -> Path:
     """Where packed rows are cached: `$ELO_CPT_TOKEN_CACHE`, else `$ELO_CPT_CACHE/tokens`, else `~/.cache/elo-cpt/tokens`."""
-    from elo_cpt.assets import cache_root
-
     if os.environ.get("ELO_CPT_TOKEN_CACHE"):
         return Path(os.environ["ELO_CPT_TOKEN_CACHE"]).expanduser()
-    return cache_root() / "tokens"
+    return files.cache_root() / "tokens"
 
 
 def tokenizer_digest(tokenizer, separator: int) -> str:
@@ -82,9 +81,8 @@ def write_rows(chunks: Iterable[np.ndarray], folder: Path, key: str, seq_len: in
     first, the .json (which marks the entry complete) last, each by an atomic rename."""
     folder.mkdir(parents=True, exist_ok=True)
     bin_path, meta_path = folder / f"{key}.bin", folder / f"{key}.json"
-    tmp = folder / f".{key}.{os.getpid()}.bin.tmp"
     limit = np.iinfo(dtype).max
-    try:
+    with files.replacing(bin_path) as tmp:
         tokens = 0
         with tmp.open("wb") as f:
             for chunk in chunks:
@@ -96,20 +94,12 @@ def write_rows(chunks: Iterable[np.ndarray], folder: Path, key: str, seq_len: in
             if rows == 0:
                 raise too_small(tokens, seq_len, what)
             f.truncate(rows * seq_len * dtype.itemsize)
-            f.flush()
-            os.fsync(f.fileno())
         if max_rows is not None and rows < max_rows:
             raise EloError(
                 f"{what} makes {rows * seq_len:,} tokens, fewer than the {max_rows * seq_len:,} asked for; "
                 "lower the token budget or give more text"
             )
-        os.replace(tmp, bin_path)
-        meta_tmp = folder / f".{key}.{os.getpid()}.json.tmp"
-        meta_tmp.write_text(json.dumps({**meta, "rows": rows, "seq_len": seq_len, "dtype": dtype.str,
-                                        "tokens": rows * seq_len}, indent=1) + "\n")
-        os.replace(meta_tmp, meta_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    files.write_json(meta_path, {**meta, "rows": rows, "seq_len": seq_len, "dtype": dtype.str, "tokens": rows * seq_len})
     return np.memmap(bin_path, dtype=dtype, mode="r", shape=(rows, seq_len))
 
 

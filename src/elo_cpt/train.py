@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
-from elo_cpt import checkpoint, data, distributed, surgery
+from elo_cpt import checkpoint, data, distributed, files, surgery
 from elo_cpt import precision as precision_mod
 from elo_cpt.config import AUTO, FINETUNE_METHODS, TrainConfig, bridge_token_count, check_seq_len, validate_train
 from elo_cpt.engine import StageStats, last_complete_checkpoint, run_trainer
@@ -111,10 +111,10 @@ def _run_stage(
             save(model.to(stored_dtype), staging)
         checkpoint.copy_side_files(model_dir, staging, skip=("config.json", "generation_config.json"))
         engine = "fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled else None
-        checkpoint.write_json(staging / STATS_FILE, {**stats.to_dict(), **(extra_stats or {}),
+        files.write_json(staging / STATS_FILE, {**stats.to_dict(), **(extra_stats or {}),
                                                      "sharding": engine})
         if provenance is not None:
-            checkpoint.write_json(staging / checkpoint.PROVENANCE, provenance)
+            files.write_json(staging / checkpoint.PROVENANCE, provenance)
     return stats
 
 
