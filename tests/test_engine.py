@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer
 
-from conftest import VOCAB, make_tokenizer, save_tiny_model
+from conftest import VOCAB, free_port, make_tokenizer, save_tiny_model
 from elo_cpt import engine, surgery, train
 from elo_cpt.config import TrainConfig
 
@@ -156,7 +156,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpora):
     common = ("--data", corpora["train_de"], "--tokens", 1280, "--seq-len", 32, "--lr", 1e-3, "--grad-accum", 1)
     subprocess.run(_elo("pretrain", tmp_path / "shallow", *common, "--batch-size", 4, "--out", tmp_path / "one"),
                    check=True, env=ENV, capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "elo_cpt.cli"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "elo_cpt.cli"]
     result = subprocess.run(_elo("pretrain", tmp_path / "shallow", *common, "--batch-size", 2, "--out", tmp_path / "two", launcher=torchrun),
                             env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]

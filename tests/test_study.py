@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import free_port
 from elo_cpt import costmodel, study
 from elo_cpt.cli import main
 from elo_cpt.errors import EloError
@@ -208,7 +209,7 @@ def test_study_cells_train_on_two_processes(tiny_model, corpora, tmp_path):
     two = tiny_study(tiny_model, corpora, cells)
     two["run"]["stage1"]["batch_size"] = two["run"]["align"]["batch_size"] = 2
     single = study.study(one, tmp_path / "one")
-    launch = f"{sys.executable} -m torch.distributed.run --nproc_per_node 2 --master_port 29551"
+    launch = f"{sys.executable} -m torch.distributed.run --nproc_per_node 2 --master_port {free_port()}"
     double = study.study(two, tmp_path / "two", launch=launch)
     for a, b in zip(single["cells"], double["cells"], strict=True):
         assert a["tokens"] == b["tokens"] and all(s["processes"] == 2 for s in b["stages"].values())
