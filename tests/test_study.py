@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from conftest import free_port
 from elo_cpt import costmodel, study
@@ -154,7 +155,24 @@ def test_bad_study_files_fail_with_a_clear_error(tiny_model, corpora, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_lists_the_builtin_german_study(capsys):
+def test_cli_lists_the_cells_and_the_builtin_german_study(tiny_model, corpora, tmp_path, capsys):
+    # Planned only, nothing trains: a budget large enough that the FLOPs show at one decimal of a TFLOP.
+    spec = tiny_study(tiny_model, corpora, CELLS)
+    spec["run"]["stage1"]["tokens"] = 64_000_000
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
+    files = sorted(tmp_path.rglob("*"))
+    assert main(["study", str(tmp_path / "study.yaml"), "--list"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "base\tbase\t-\t0 tokens\t0.0 TFLOPs",
+        "elo\telo\t-\t80,000,000 tokens\t15.8 TFLOPs",  # 64M stage-1 tokens + 25% alignment
+        "align-only\tcontrol\t-\t16,000,000 tokens\t5.6 TFLOPs",
+        "fft-flops\tfft\t-\t45,192,960 tokens\t15.8 TFLOPs",  # whole sequences of 32 at ELO's FLOPs
+        "lora-tokens\tlora\t-\t80,000,000 tokens\t38.3 TFLOPs",
+        "freeze-flops\tfreeze\t-\t58,545,440 tokens\t15.8 TFLOPs",
+        "no-align\telo\talignment budget\t64,000,000 tokens\t10.2 TFLOPs",
+        "emulator-norm\telo\toptions\t80,000,000 tokens\t16.9 TFLOPs",  # + the frozen layer and the bridges' pass
+    ]
+    assert sorted(tmp_path.rglob("*")) == files  # listing writes nothing
     assert main(["study", "nope", "--list"]) == 1
     assert "built-in study (de" in capsys.readouterr().err
     assert main(["study", "de"]) == 1
@@ -190,11 +208,23 @@ def test_bridges_bring_the_shallow_model_closer_to_the_full_one(tiny_model, corp
     assert "warning" not in capsys.readouterr().err
     surgery.fit_bridges(tiny_model, [0, 4], ids[:2])  # 64 tokens for 33 unknowns per output
     assert "under 4x the hidden size" in capsys.readouterr().err
+    bridges = load_file(shallow / surgery.BRIDGE_FILE)
+    assert set(bridges) == {"0->4"} and bridges["0->4"].shape == (33, 32)
     trained = tmp_path / "stage1"
     train.pretrain(shallow, [str(corpora["train_de"])], trained, train.TrainConfig(tokens=320, lr=1e-2, batch_size=2), seq_len=32)
-    assert not any("bridge" in name for name in load_file(trained / "model.safetensors"))
-    assert load_file(shallow / surgery.BRIDGE_FILE)["0->4"].shape == (33, 32)
-    surgery.merge(tiny_model, trained, tmp_path / "merged")
+    # Not trained: the shallow model's bridges are as fitted; not saved: the trained folder has none.
+    assert all(torch.equal(t, bridges[k]) for k, t in load_file(shallow / surgery.BRIDGE_FILE).items())
+    after = load_file(trained / "model.safetensors")
+    assert not any("bridge" in name for name in after) and not (trained / surgery.BRIDGE_FILE).exists()
+    # Not merged: the merged model holds the base's tensors, with the two trained layers back in their places.
+    merged_dir = surgery.merge(tiny_model, trained, tmp_path / "merged")
+    base, merged = load_file(tiny_model / "model.safetensors"), load_file(merged_dir / "model.safetensors")
+    assert merged.keys() == base.keys() and not (merged_dir / surgery.BRIDGE_FILE).exists()
+    own = {"model.layers.0.": "model.layers.0.", "model.layers.4.": "model.layers.1."}  # base prefix -> shallow prefix
+    for name, tensor in merged.items():
+        prefix = next((p for p in own if name.startswith(p)), None)
+        expected = after[own[prefix] + name.removeprefix(prefix)] if prefix else base[name]
+        assert torch.equal(tensor, expected), name
 
 
 def test_study_cells_train_on_two_processes(tiny_model, corpora, tmp_path):
