@@ -71,7 +71,10 @@ def test_baselines_train_what_they_should(tiny_model, tmp_path, corpora, method)
     else:  # LoRA adapters on every linear layer, merged back: exactly the decoder's linear weights move
         assert changed == {k for k in before if k.startswith("model.layers.") and k.endswith("proj.weight")}
         assert stats.trainable_params < sum(t.numel() for t in before.values()) // 5
-    AutoModelForCausalLM.from_pretrained(tmp_path / method)
+    # A standard model folder (no adapters left): transformers loads exactly the saved weights, none missing.
+    loaded = dict(AutoModelForCausalLM.from_pretrained(tmp_path / method).named_parameters())
+    assert loaded.keys() == after.keys() and not (tmp_path / method / "adapter_config.json").exists()
+    assert all(torch.equal(loaded[k], after[k]) for k in after)
 
 
 def test_checkpoints_hold_only_trainable_tensors(tiny_model, tmp_path, corpora, monkeypatch):

@@ -32,8 +32,11 @@ def test_pipeline_on_a_tiny_model(tiny_model, corpora, tmp_path, capsys):
     metrics = pipeline.run(cfg, tmp_path / "run")
     run = tmp_path / "run"
     model = AutoModelForCausalLM.from_pretrained(run / "model")
-    AutoTokenizer.from_pretrained(run / "model")
     assert model.config.num_hidden_layers == 5
+    # The base model's tokenizer comes with the final model.
+    final, base = AutoTokenizer.from_pretrained(run / "model"), AutoTokenizer.from_pretrained(tiny_model)
+    assert final.get_vocab() == base.get_vocab() and final.eos_token == base.eos_token
+    assert final("Guten Morgen, Welt.")["input_ids"] == base("Guten Morgen, Welt.")["input_ids"]
     assert json.loads((run / "metrics.json").read_text()) == metrics
     assert set(metrics["eval"]) == {"base", "merged", "final"}
     assert set(metrics["eval"]["final"]) == {"de", "en"}
