@@ -44,6 +44,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def logged_steps(logs: Path, tag: str = "train/loss") -> list[list[int]]:
+    """The steps at which each TensorBoard event file in a stage's `logs/` recorded `tag`: one list per invocation
+    that trained the stage (each writes a file of its own)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [[event.step for event in EventFileLoader(str(path)).Load() if any(v.tag == tag for v in event.summary.value)]
+            for path in sorted(logs.glob("events.out.tfevents.*"))]
+
+
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on the fixture texts (seconds, no network)."""
     tokenizer = Tokenizer(models.BPE())

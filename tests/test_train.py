@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import Trainer
 
+from conftest import logged_steps
 from elo_cpt import surgery, train
 from elo_cpt.config import TrainConfig
 
@@ -41,12 +42,16 @@ def test_align_trains_every_parameter(tiny_model, tmp_path, corpora):
     assert unchanged == set()
 
 
-def test_interrupted_pretraining_resumes_to_the_same_weights_and_counts_every_invocation(tiny_model, tmp_path, corpora, monkeypatch):
+def test_interrupted_pretraining_resumes_to_the_same_weights_and_counts_every_invocation(tiny_model, tmp_path, corpora,
+                                                                                         monkeypatch, capsys):
     surgery.detach(tiny_model, "0,-1", tmp_path / "shallow")
     cfg = TrainConfig(lr=1e-3, batch_size=2, save_steps=3)
     args = ([str(corpora["train_de"])],)
     straight_stats = train.pretrain(tmp_path / "shallow", *args, tmp_path / "straight", cfg, seq_len=32)
     assert straight_stats.resumes == 0
+    [straight_logged] = logged_steps(tmp_path / "straight" / "logs")
+    every = straight_stats.steps // 20  # logging_steps: 0 logs about 20 points
+    assert straight_logged == [s for s, _ in straight_stats.losses] == list(range(every, straight_stats.steps + 1, every))
 
     original_step = Trainer.training_step
     calls = []
@@ -68,7 +73,7 @@ def test_interrupted_pretraining_resumes_to_the_same_weights_and_counts_every_in
     assert killed["invocations"] == 1 and killed["seconds"] >= 7 * pause
 
     original_train = Trainer.train
-    rerun = []
+    rerun, rerun_steps = [], []
 
     def timed_train(self, *a, **k):
         start = time.perf_counter()
@@ -77,9 +82,20 @@ def test_interrupted_pretraining_resumes_to_the_same_weights_and_counts_every_in
         finally:
             rerun.append(time.perf_counter() - start)
 
-    monkeypatch.setattr(Trainer, "training_step", original_step)
+    def counted_step(self, *a, **k):
+        rerun_steps.append(self.state.global_step)
+        return original_step(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "training_step", counted_step)
     monkeypatch.setattr(Trainer, "train", timed_train)
+    capsys.readouterr()
     stats = train.pretrain(tmp_path / "shallow", *args, tmp_path / "resumed", cfg, seq_len=32)
+    # It resumed: from checkpoint-6, it trained only the steps after it (not the whole stage again), and only those
+    # are in its own TensorBoard log.
+    assert f"resuming from {tmp_path / 'resumed.partial' / 'checkpoints' / 'checkpoint-6'}: run 2" in capsys.readouterr().err
+    assert rerun_steps == list(range(6, straight_stats.steps))  # the global step as each optimizer step begins
+    resumed_logged = [steps for steps in logged_steps(tmp_path / "resumed" / "logs") if steps[-1:] == straight_logged[-1:]]
+    assert resumed_logged == [[s for s in straight_logged if s > 6]]
     straight, resumed = tensors(tmp_path / "straight"), tensors(tmp_path / "resumed")
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
