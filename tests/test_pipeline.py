@@ -102,7 +102,7 @@ def test_a_run_interrupted_in_stage_1_reports_the_time_of_every_invocation(tiny_
     interrupted = json.loads((run / "timings.json").read_text())["stage1"]
     assert interrupted >= 11 * pause
 
-    original_pretrain, rerun = train.pretrain, []
+    original_pretrain, rerun, rerun_steps = train.pretrain, [], []
 
     def timed_pretrain(*a, **k):
         start = time.perf_counter()
@@ -111,10 +111,16 @@ def test_a_run_interrupted_in_stage_1_reports_the_time_of_every_invocation(tiny_
         finally:
             rerun.append(time.perf_counter() - start)
 
-    monkeypatch.setattr(Trainer, "training_step", original_step)
+    def counted_step(self, *a, **k):
+        rerun_steps.append(self.state.global_step)
+        return original_step(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "training_step", counted_step)
     monkeypatch.setattr(train, "pretrain", timed_pretrain)
     metrics = pipeline.run(cfg, run)
     stage1 = metrics["stages"]["stage1"]
+    # The rerun resumed stage 1 from checkpoint-10 (the last before the crash in step 12): 15 of its 25 steps.
+    assert rerun_steps == list(range(10, 25)) and stage1["training"]["steps"] == 25
     assert stage1["training"]["resumes"] == 1 and stage1["training"]["tokens"] == 1600
     # The step and its training count both invocations: more than the rerun's own share, by the interrupted part.
     assert stage1["seconds"] >= interrupted + rerun[0] - 0.02
