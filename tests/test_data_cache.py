@@ -311,6 +311,9 @@ def test_tokenization_benchmark_from_the_cli(tmp_path, tokenizer, corpus):
                      "--workers", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     row = result["settings"]["1 thread"]
-    assert row["documents"] == 50 and row["tokens"] > row["documents"] and row["tokens_per_s"] > 0
+    documents = list(corpus_mod.source_documents(str(corpus)))[:50]
+    tokens = sum(len(ids) + 1 for ids in tokenizer(documents, add_special_tokens=False)["input_ids"])  # + a separator each
+    assert (row["documents"], row["characters"], row["tokens"]) == (50, sum(map(len, documents)), tokens)
+    assert row["tokens_per_s"] > 0
     assert row["load_warm_s"] >= 0 and row["rows"] == row["tokens"] // 16
     assert cli.main(["bench", str(tmp_path / "nothing"), "--data", str(corpus)]) == 1
