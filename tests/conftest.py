@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -34,6 +35,22 @@ ARCHITECTURES = {
     "phi3": dict(model_type="phi3", pad_token_id=0, bos_token_id=0, eos_token_id=0, **_SMALL),
     "gpt2": dict(model_type="gpt2", n_embd=32, n_head=4, n_positions=512, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0),
 }
+
+
+def free_port() -> int:
+    """A TCP port free right now, for a torchrun rendezvous: parallel test runs must not share a fixed one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def logged_steps(logs: Path, tag: str = "train/loss") -> list[list[int]]:
+    """The steps at which each TensorBoard event file in a stage's `logs/` recorded `tag`: one list per invocation
+    that trained the stage (each writes a file of its own)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [[event.step for event in EventFileLoader(str(path)).Load() if any(v.tag == tag for v in event.summary.value)]
+            for path in sorted(logs.glob("events.out.tfevents.*"))]
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:

@@ -1,4 +1,4 @@
-"""`elo bench` and its cost model: method.md's FLOP figures, and a CLI smoke run on a tiny model."""
+"""`elo bench` and its cost model: the FLOP figures of docs/costmodel.md, and a CLI smoke run on a tiny model."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ def gflops(shape, method, layers):
 
 
 def test_shapes_match_published_sizes():
-    assert LLAMA_8B.layer_params == pytest.approx(218e6, rel=0.01)
-    assert LLAMA_8B.head_params == pytest.approx(525e6, rel=0.01)
-    assert LLAMA_8B.total_params() == pytest.approx(8.03e9, rel=0.01)
-    assert SMOLLM2.layer_params == pytest.approx(3.5e6, rel=0.02)
+    # Llama-3.1-8B: 218M per layer, a 525M head, 8.03B in all (its exact count); SmolLM2-135M: 3.5M per layer.
+    assert LLAMA_8B.layer_params == 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 == 218_103_808
+    assert LLAMA_8B.head_params == 128256 * 4096 == 525_336_576
+    assert LLAMA_8B.total_params() == 8_030_261_248
+    assert SMOLLM2.layer_params == 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 == 3_538_944
     assert SMOLLM2.total_params() == 134_515_008  # SmolLM2-135M's exact parameter count
 
 
@@ -62,14 +63,23 @@ def test_moe_costs_count_routed_experts(model_type, settings):
     assert elo.forward_flops == 2 * (shape.layer_active_params(0) + shape.layer_active_params(3) + shape.head_params)
 
 
-@pytest.mark.parametrize("method, expected", [("fft", 45), ("align", 45), ("freeze", 31), ("lora", 30), ("elo", 4.7)])
-def test_llama_8b_flops_match_method_md(method, expected):
-    assert gflops(LLAMA_8B, method, [0, 31]) == pytest.approx(expected, rel=0.1)
+@pytest.mark.parametrize("shape, layers, method, expected", [
+    (LLAMA_8B, [0, 31], "fft", 45.03), (LLAMA_8B, [0, 31], "align", 45.03), (LLAMA_8B, [0, 31], "freeze", 30.89),
+    (LLAMA_8B, [0, 31], "lora", 30.27), (LLAMA_8B, [0, 31], "elo", 4.72),
+    (SMOLLM2, [0, 29], "fft", 0.807), (SMOLLM2, [0, 29], "freeze", 0.552), (SMOLLM2, [0, 29], "lora", 0.567),
+    (SMOLLM2, [0, 29], "elo", 0.156),
+])
+def test_flops_match_the_derivation(shape, layers, method, expected):
+    """The GFLOP/token figures of docs/costmodel.md (and docs/benchmarks.md), to the digits they are printed with."""
+    assert round(gflops(shape, method, layers), 3 if shape is SMOLLM2 else 2) == expected
 
 
-def test_stage1_bounds_match_method_md():
-    assert gflops(LLAMA_8B, "fft", [0, 31]) / gflops(LLAMA_8B, "elo", [0, 31]) == pytest.approx(9.5, rel=0.1)
-    assert gflops(SMOLLM2, "fft", [0, 29]) / gflops(SMOLLM2, "elo", [0, 29]) == pytest.approx(5.0, rel=0.1)
+def test_stage1_and_pipeline_bounds_match_the_derivation():
+    for shape, layers, stage1, pipeline in ((LLAMA_8B, [0, 31], 9.54, 5.15), (SMOLLM2, [0, 29], 5.18, 3.65)):
+        elo, fft = gflops(shape, "elo", layers), gflops(shape, "fft", layers)
+        assert round(fft / elo, 2) == stage1
+        assert round(costmodel.pipeline_speedup(1 / elo, 1 / fft, 1 / fft), 2) == pipeline
+        assert fft / (0.9 * elo + 0.1 * fft) == pytest.approx(costmodel.pipeline_speedup(1 / elo, 1 / fft, 1 / fft))
 
 
 def test_cost_model_rules():
@@ -83,9 +93,15 @@ def test_cost_model_rules():
 
 
 def test_fft_memory_of_8b_exceeds_this_machine():
+    """The estimates docs/benchmarks.md and docs/costmodel.md quote, in GiB: fft of the 8B shape needs 123, stage 1 11."""
     estimate = costmodel.estimate_memory_bytes(LLAMA_8B, "fft", [0, 31], batch=1, seq=256)
     assert estimate["total"] > 24 * 2**30
     assert estimate["grads_and_optimizer"] == LLAMA_8B.total_params() * 12
+    gib = {key: round(value / 2**30, 2) for key, value in estimate.items()}
+    assert gib == {"weights": 29.92, "grads_and_optimizer": 89.75, "activations": 3.0, "logits": 0.37, "total": 123.03}
+    stage1 = costmodel.estimate_memory_bytes(LLAMA_8B, "elo", [0, 31], batch=1, seq=256)
+    gib = {key: round(value / 2**30, 2) for key, value in stage1.items()}
+    assert gib == {"weights": 5.54, "grads_and_optimizer": 4.88, "activations": 0.19, "logits": 0.37, "total": 10.97}
 
 
 def test_named_shapes_cost_nothing_to_describe():
@@ -99,6 +115,8 @@ def test_named_shapes_cost_nothing_to_describe():
 
 
 def test_bench_cli_smoke(tiny_model, tmp_path):
+    from elo_cpt import bench
+
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-m", "elo_cpt.cli", "bench", str(tiny_model), "--methods", "elo,fft",
@@ -114,10 +132,16 @@ def test_bench_cli_smoke(tiny_model, tmp_path):
             assert row[key] is not None and row[key] > 0, key
         assert row["measured"] and not row["peak_memory_estimated"]
     elo, fft = report["methods"]["elo"], report["methods"]["fft"]
-    assert elo["trainable_params"] < fft["trainable_params"]
-    assert elo["bound_speedup_vs_fft"] > 1 and fft["bound_speedup_vs_fft"] == 1
+    # The measured models train what the cost model counts: layers 0 and 4 (9,216 weights + 2 norms of 32 each), or
+    # everything (tied 384 x 32 embedding, 5 layers, final norm).
+    assert (elo["trainable_params"], fft["trainable_params"]) == (2 * (9216 + 64), 384 * 32 + 5 * (9216 + 64) + 32)
+    shape = costmodel.Shape.from_config(bench.load_config(str(tiny_model)))
+    elo_flops, fft_flops = (costmodel.step_cost(shape, m, [0, 4]).flops_per_token for m in ("elo", "fft"))
+    assert (elo["flops_per_token"], fft["flops_per_token"]) == (elo_flops, fft_flops)
+    assert elo["bound_speedup_vs_fft"] == fft_flops / elo_flops and fft["bound_speedup_vs_fft"] == 1
     assert fft["measured_speedup_vs_fft"] == 1
-    assert report["pipeline_9_1"]["bound_speedup_vs_fft"] > 1 and report["pipeline_9_1"]["measured_speedup_vs_fft"] > 0
+    assert report["pipeline_9_1"]["bound_speedup_vs_fft"] == costmodel.pipeline_speedup(1 / elo_flops, 1 / fft_flops, 1 / fft_flops)
+    assert report["pipeline_9_1"]["measured_speedup_vs_fft"] > 0
 
 
 def test_bench_rejects_unknown_input(tiny_model):

@@ -47,17 +47,16 @@ def test_stage_by_stage(tiny_model, corpora, tmp_path):
         (("bridge", "{model}", "--data", "{tmp}/empty.txt", "--tokens", "lots"), "whole number of tokens or auto"),
         (("run", "stage1.lrr=1", "--out", "{tmp}/out"), "unknown config key"),
         (("run", "{tmp}/missing.yaml", "--out", "{tmp}/out"), "does not exist"),
-        (("eval", "{model}", "--text", "de", "--out", "{tmp}/out"), None),
+        (("eval", "{model}", "--text", "de", "--json", "{tmp}/out"), "bad --text 'de'; write LANG=PATH"),
     ],
 )
 def test_bad_input_gives_one_line_error_and_no_output(tiny_model, tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("")
     result = elo(*(a.format(tmp=tmp_path, model=tiny_model) for a in args))
-    assert result.returncode != 0
-    if message:
-        lines = result.stderr.strip().splitlines()
-        assert lines[-1].startswith("elo: error:") and message in lines[-1], result.stderr[-2000:]
-        assert not any(line.startswith("Traceback") for line in lines)
+    assert result.returncode == 1, result.stderr[-2000:]  # our error, not argparse's usage error (2)
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("elo: error:") and message in lines[-1], result.stderr[-2000:]
+    assert not any(line.startswith("Traceback") for line in lines)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 

@@ -279,14 +279,21 @@ def test_unreadable_parquet_is_one_line_naming_the_file(tmp_path):
         assert message.startswith(f"cannot read Parquet file {tmp_path / name}: ") and "\n" not in message
 
 
-@pytest.mark.parametrize("cache", [True, False])
-def test_corpus_smaller_than_one_sequence_names_the_file(tmp_path, tokenizer, cache):
+@pytest.mark.parametrize("cache", ["folder", "default", "none"])
+def test_corpus_smaller_than_one_sequence_names_the_file(tmp_path, tokenizer, monkeypatch, cache):
+    """Cached (in a given folder or the default one) or not, the error names the file and leaves no cache entry;
+    uncached, nothing is written to the default cache folder at all."""
+    monkeypatch.setenv("ELO_CPT_TOKEN_CACHE", str(tmp_path / "c"))  # the default cache folder
+    cache_dir = {"folder": tmp_path / "c", "default": True, "none": None}[cache]
     path = tmp_path / "tiny.txt"
     path.write_text("Nur ein Satz.")
     for budget in (None, 640):
         with pytest.raises(EloError, match=rf"{path}.* less than one sequence of 64; give more text or lower seq_len"):
-            data.load_training_data([str(path)], tokenizer, seq_len=64, n_tokens=budget, cache_dir=tmp_path / "c" if cache else None)
-    assert not (tmp_path / "c").exists() or entries(tmp_path / "c") == []
+            data.load_training_data([str(path)], tokenizer, seq_len=64, n_tokens=budget, cache_dir=cache_dir)
+    if cache == "none":
+        assert not (tmp_path / "c").exists()
+    else:
+        assert (tmp_path / "c").is_dir() and entries(tmp_path / "c") == []
 
 
 def test_too_little_for_the_budget_leaves_no_cache_entry(tmp_path, tokenizer):
@@ -304,6 +311,9 @@ def test_tokenization_benchmark_from_the_cli(tmp_path, tokenizer, corpus):
                      "--workers", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     row = result["settings"]["1 thread"]
-    assert row["documents"] == 50 and row["tokens"] > row["documents"] and row["tokens_per_s"] > 0
+    documents = list(corpus_mod.source_documents(str(corpus)))[:50]
+    tokens = sum(len(ids) + 1 for ids in tokenizer(documents, add_special_tokens=False)["input_ids"])  # + a separator each
+    assert (row["documents"], row["characters"], row["tokens"]) == (50, sum(map(len, documents)), tokens)
+    assert row["tokens_per_s"] > 0
     assert row["load_warm_s"] >= 0 and row["rows"] == row["tokens"] // 16
     assert cli.main(["bench", str(tmp_path / "nothing"), "--data", str(corpus)]) == 1

@@ -42,7 +42,9 @@ def test_windowing_does_not_change_the_total_much(tiny_model, tokenizer):
 
 def test_evaluate_model_folder_and_errors(tiny_model, tmp_path):
     results = evaluation.evaluate(tiny_model, {"de": TEXT / "de.txt", "en": TEXT / "en.txt"}, seq_len=64, max_chars=500)
-    assert set(results) == {"de", "en"} and results["de"]["chars"] <= 500
+    # The whole paragraphs that fit in 500 characters.
+    assert {lang: r["chars"] for lang, r in results.items()} == {"de": 352, "en": 497}
+    assert [(TEXT / f"{lang}.txt").read_text()[n : n + 2] for lang, n in (("de", 352), ("en", 497))] == ["\n\n", "\n\n"]
     assert 0 < results["de"]["bits_per_char"] < 20
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(EloError, match="empty"):

@@ -32,8 +32,11 @@ def test_pipeline_on_a_tiny_model(tiny_model, corpora, tmp_path, capsys):
     metrics = pipeline.run(cfg, tmp_path / "run")
     run = tmp_path / "run"
     model = AutoModelForCausalLM.from_pretrained(run / "model")
-    AutoTokenizer.from_pretrained(run / "model")
     assert model.config.num_hidden_layers == 5
+    # The base model's tokenizer comes with the final model.
+    final, base = AutoTokenizer.from_pretrained(run / "model"), AutoTokenizer.from_pretrained(tiny_model)
+    assert final.get_vocab() == base.get_vocab() and final.eos_token == base.eos_token
+    assert final("Guten Morgen, Welt.")["input_ids"] == base("Guten Morgen, Welt.")["input_ids"]
     assert json.loads((run / "metrics.json").read_text()) == metrics
     assert set(metrics["eval"]) == {"base", "merged", "final"}
     assert set(metrics["eval"]["final"]) == {"de", "en"}
@@ -58,7 +61,8 @@ def test_pipeline_on_a_tiny_model(tiny_model, corpora, tmp_path, capsys):
     # Evaluation settings alone may change: the trained models stay, their evaluation is redone.
     stage1_weights = (run / "stages" / "stage1" / "model.safetensors").stat().st_mtime_ns
     again = pipeline.run(tiny_run_config(tiny_model, corpora, "eval.max_chars=500"), run)
-    assert again["eval"]["final"]["de"]["chars"] <= 500 < metrics["eval"]["final"]["de"]["chars"]
+    full = len(corpora["eval_de"].read_text().strip())
+    assert (again["eval"]["final"]["de"]["chars"], metrics["eval"]["final"]["de"]["chars"]) == (352, full)  # whole paragraphs
     assert (run / "stages" / "stage1" / "model.safetensors").stat().st_mtime_ns == stage1_weights
     assert again["config"]["eval"]["max_chars"] == 500 and (run / "report.html").is_file()
     assert again["environment"]["precision"] == {"stage1": "32-true", "align": "32-true"}
@@ -92,8 +96,9 @@ def test_held_out_text_seen_in_training_is_reported(tiny_model, corpora, tmp_pat
     leaked.write_text("Ein Absatz, der nirgends sonst vorkommt, und lang genug ist.\n\n" + "\n\n".join(documents[:3]))
     cfg = tiny_run_config(tiny_model, corpora, f"data.eval={{de: {leaked}, en: {corpora['eval_en']}}}", "align.token_ratio=0")
     metrics = pipeline.run(cfg, tmp_path / "run")
-    assert metrics["data"]["eval_overlap"]["de"] >= 1 and metrics["data"]["eval_overlap"]["en"] == 0
-    assert "also occur in the training data" in capsys.readouterr().err
+    # Stage 1 takes the corpus's leading documents, so all three leaked ones were trained on.
+    assert metrics["data"]["eval_overlap"] == {"de": 3, "en": 0}
+    assert "3 of 4 paragraphs also occur in the training data" in capsys.readouterr().err
 
 
 def test_alignment_budget_zero_keeps_the_merged_model(tiny_model, corpora, tmp_path):
@@ -122,7 +127,7 @@ def test_a_run_interrupted_in_stage_1_reports_the_time_of_every_invocation(tiny_
     interrupted = json.loads((run / "timings.json").read_text())["stage1"]
     assert interrupted >= 11 * pause
 
-    original_pretrain, rerun = train.pretrain, []
+    original_pretrain, rerun, rerun_steps = train.pretrain, [], []
 
     def timed_pretrain(*a, **k):
         start = time.perf_counter()
@@ -131,10 +136,16 @@ def test_a_run_interrupted_in_stage_1_reports_the_time_of_every_invocation(tiny_
         finally:
             rerun.append(time.perf_counter() - start)
 
-    monkeypatch.setattr(Trainer, "training_step", original_step)
+    def counted_step(self, *a, **k):
+        rerun_steps.append(self.state.global_step)
+        return original_step(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "training_step", counted_step)
     monkeypatch.setattr(train, "pretrain", timed_pretrain)
     metrics = pipeline.run(cfg, run)
     stage1 = metrics["stages"]["stage1"]
+    # The rerun resumed stage 1 from checkpoint-10 (the last before the crash in step 12): 15 of its 25 steps.
+    assert rerun_steps == list(range(10, 25)) and stage1["training"]["steps"] == 25
     assert stage1["training"]["resumes"] == 1 and stage1["training"]["tokens"] == 1600
     # The step and its training count both invocations: more than the rerun's own share, by the interrupted part.
     assert stage1["seconds"] >= interrupted + rerun[0] - 0.02

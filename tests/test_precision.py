@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from conftest import save_tiny_model
+from conftest import free_port, logged_steps, save_tiny_model
 from elo_cpt import checkpoint, data, surgery, train
 from elo_cpt.config import TrainConfig
 from elo_cpt.errors import EloError
@@ -124,7 +125,7 @@ def test_gradient_accumulation_across_two_processes(shallow, tmp_path, corpora):
     """2 processes x 1 sequence x 2 accumulation steps give what one process with 4 sequences gives."""
     common = ("--data", corpora["train_de"], "--tokens", 6 * 4 * SEQ, "--seq-len", SEQ, "--lr", 1e-3)
     subprocess.run(_elo("pretrain", shallow, *common, "--batch-size", 4, "--out", tmp_path / "one"), check=True, env=ENV, capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537", "-m", "elo_cpt.cli"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "elo_cpt.cli"]
     result = subprocess.run(_elo("pretrain", shallow, *common, "--batch-size", 1, "--grad-accum", 2, "--out", tmp_path / "two",
                                  launcher=torchrun), env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -166,7 +167,7 @@ def test_elo_run_on_two_processes_matches_one(tiny_model, corpora, tmp_path):
     one = subprocess.run([sys.executable, "-m", "elo_cpt.cli", "run", *settings, "stage1.batch_size=4", "align.batch_size=4",
                           "--out", str(tmp_path / "one")], env=ENV, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", "-m", "elo_cpt.cli"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "elo_cpt.cli"]
     two = subprocess.run([*torchrun, "run", *settings, "stage1.batch_size=2", "align.batch_size=2", "--out", str(tmp_path / "two")],
                          env=ENV, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -191,7 +192,8 @@ def test_killing_one_rank_then_rerunning_resumes(tmp_path, corpora):
 
     base = _bigger_model(tmp_path / "base")
     surgery.detach(base, "0,-1", tmp_path / "shallow")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545", "-m", "elo_cpt.cli"]
+    port = free_port()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m", "elo_cpt.cli"]
     common = ("--data", corpora["train_de"], "--tokens", 4096, "--seq-len", 64, "--batch-size", 1, "--lr", 1e-3, "--save-steps", 4)
     subprocess.run(_elo("pretrain", tmp_path / "shallow", *common, "--out", tmp_path / "straight", launcher=torchrun),
                    check=True, env=ENV, capture_output=True)
@@ -206,7 +208,7 @@ def test_killing_one_rank_then_rerunning_resumes(tmp_path, corpora):
             environ = (pid / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"MASTER_PORT=29545" in environ and b"RANK=1" in environ:
+        if f"MASTER_PORT={port}".encode() in environ and b"RANK=1" in environ:
             ranks[int(pid.name)] = environ
     assert ranks, "rank 1 was not found; did the run finish before it could be killed?"
     for pid in ranks:
@@ -216,7 +218,13 @@ def test_killing_one_rank_then_rerunning_resumes(tmp_path, corpora):
     rerun = subprocess.run(_elo("pretrain", tmp_path / "shallow", *common, "--out", tmp_path / "killed", launcher=torchrun),
                            env=ENV, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming from" in rerun.stderr
+    # It resumed from the last complete checkpoint and trained only the steps after it (rank 0's TensorBoard file).
+    found = re.search(rf"resuming from {re.escape(str(partial))}/checkpoint-(\d+): run 2 of this stage", rerun.stderr)
+    assert found, rerun.stderr[-3000:]
+    resumed_at = int(found.group(1))
+    assert resumed_at in (4, 8, 12, 16, 20, 24, 28)  # checkpoint-8 may have been cut short: then checkpoint-4
+    assert logged_steps(tmp_path / "straight" / "logs") == [list(range(1, 33))]
+    assert [s for s in logged_steps(tmp_path / "killed" / "logs") if s[-1:] == [32]] == [list(range(resumed_at + 1, 33))]
     for key, value in tensors(tmp_path / "straight").items():
         torch.testing.assert_close(tensors(tmp_path / "killed")[key], value, rtol=1e-5, atol=1e-6)
 

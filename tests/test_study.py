@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
+from conftest import free_port
 from elo_cpt import costmodel, study
 from elo_cpt.cli import main
 from elo_cpt.errors import EloError
@@ -51,7 +53,7 @@ def test_study_runs_every_method_and_resumes(tiny_model, corpora, tmp_path):
         # Whole sequences, as many as ELO's FLOPs pay for: within one sequence's cost below ELO's.
         per_sequence = cells[name]["flops"] / cells[name]["tokens"] * 32
         assert cells["elo"]["flops"] - per_sequence < cells[name]["flops"] <= cells["elo"]["flops"]
-    assert cells["fft-flops"]["tokens"] < cells["freeze-flops"]["tokens"] < cells["elo"]["tokens"]
+    assert (cells["fft-flops"]["tokens"], cells["freeze-flops"]["tokens"]) == (896, 1152)  # 28 and 36 sequences
     # Bridges cost one forward pass of the full model over their calibration tokens (auto: 4,096, capped at stage
     # 1's 1,280), on top of the stage-1 layers.
     assert cells["emulator-norm"]["flops"] > cells["elo"]["flops"]
@@ -153,7 +155,24 @@ def test_bad_study_files_fail_with_a_clear_error(tiny_model, corpora, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_lists_the_builtin_german_study(capsys):
+def test_cli_lists_the_cells_and_the_builtin_german_study(tiny_model, corpora, tmp_path, capsys):
+    # Planned only, nothing trains: a budget large enough that the FLOPs show at one decimal of a TFLOP.
+    spec = tiny_study(tiny_model, corpora, CELLS)
+    spec["run"]["stage1"]["tokens"] = 64_000_000
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
+    files = sorted(tmp_path.rglob("*"))
+    assert main(["study", str(tmp_path / "study.yaml"), "--list"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "base\tbase\t-\t0 tokens\t0.0 TFLOPs",
+        "elo\telo\t-\t80,000,000 tokens\t15.8 TFLOPs",  # 64M stage-1 tokens + 25% alignment
+        "align-only\tcontrol\t-\t16,000,000 tokens\t5.6 TFLOPs",
+        "fft-flops\tfft\t-\t45,192,960 tokens\t15.8 TFLOPs",  # whole sequences of 32 at ELO's FLOPs
+        "lora-tokens\tlora\t-\t80,000,000 tokens\t38.3 TFLOPs",
+        "freeze-flops\tfreeze\t-\t58,545,440 tokens\t15.8 TFLOPs",
+        "no-align\telo\talignment budget\t64,000,000 tokens\t10.2 TFLOPs",
+        "emulator-norm\telo\toptions\t80,000,000 tokens\t16.9 TFLOPs",  # + the frozen layer and the bridges' pass
+    ]
+    assert sorted(tmp_path.rglob("*")) == files  # listing writes nothing
     assert main(["study", "nope", "--list"]) == 1
     assert "built-in study (de" in capsys.readouterr().err
     assert main(["study", "de"]) == 1
@@ -189,11 +208,23 @@ def test_bridges_bring_the_shallow_model_closer_to_the_full_one(tiny_model, corp
     assert "warning" not in capsys.readouterr().err
     surgery.fit_bridges(tiny_model, [0, 4], ids[:2])  # 64 tokens for 33 unknowns per output
     assert "under 4x the hidden size" in capsys.readouterr().err
+    bridges = load_file(shallow / surgery.BRIDGE_FILE)
+    assert set(bridges) == {"0->4"} and bridges["0->4"].shape == (33, 32)
     trained = tmp_path / "stage1"
     train.pretrain(shallow, [str(corpora["train_de"])], trained, train.TrainConfig(tokens=320, lr=1e-2, batch_size=2), seq_len=32)
-    assert not any("bridge" in name for name in load_file(trained / "model.safetensors"))
-    assert load_file(shallow / surgery.BRIDGE_FILE)["0->4"].shape == (33, 32)
-    surgery.merge(tiny_model, trained, tmp_path / "merged")
+    # Not trained: the shallow model's bridges are as fitted; not saved: the trained folder has none.
+    assert all(torch.equal(t, bridges[k]) for k, t in load_file(shallow / surgery.BRIDGE_FILE).items())
+    after = load_file(trained / "model.safetensors")
+    assert not any("bridge" in name for name in after) and not (trained / surgery.BRIDGE_FILE).exists()
+    # Not merged: the merged model holds the base's tensors, with the two trained layers back in their places.
+    merged_dir = surgery.merge(tiny_model, trained, tmp_path / "merged")
+    base, merged = load_file(tiny_model / "model.safetensors"), load_file(merged_dir / "model.safetensors")
+    assert merged.keys() == base.keys() and not (merged_dir / surgery.BRIDGE_FILE).exists()
+    own = {"model.layers.0.": "model.layers.0.", "model.layers.4.": "model.layers.1."}  # base prefix -> shallow prefix
+    for name, tensor in merged.items():
+        prefix = next((p for p in own if name.startswith(p)), None)
+        expected = after[own[prefix] + name.removeprefix(prefix)] if prefix else base[name]
+        assert torch.equal(tensor, expected), name
 
 
 def test_study_cells_train_on_two_processes(tiny_model, corpora, tmp_path):
@@ -208,7 +239,7 @@ def test_study_cells_train_on_two_processes(tiny_model, corpora, tmp_path):
     two = tiny_study(tiny_model, corpora, cells)
     two["run"]["stage1"]["batch_size"] = two["run"]["align"]["batch_size"] = 2
     single = study.study(one, tmp_path / "one")
-    launch = f"{sys.executable} -m torch.distributed.run --nproc_per_node 2 --master_port 29551"
+    launch = f"{sys.executable} -m torch.distributed.run --nproc_per_node 2 --master_port {free_port()}"
     double = study.study(two, tmp_path / "two", launch=launch)
     for a, b in zip(single["cells"], double["cells"], strict=True):
         assert a["tokens"] == b["tokens"] and all(s["processes"] == 2 for s in b["stages"].values())

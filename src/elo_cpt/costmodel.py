@@ -4,8 +4,8 @@ Per token, the forward pass costs ~2 x the matmul parameters it touches (the dec
 runs, plus the LM head; the embedding lookup is free). The backward pass costs ~2x the forward for weights that
 train (activation gradient + weight gradient), and ~1x the forward for frozen weights that gradients must flow
 through (only above the lowest trainable layer, and the head). Attention-score FLOPs (which grow with the sequence
-length) and elementwise work are left out, as in method.md's "Cost model". LoRA is "everything frozen, gradients
-flow through every layer, plus small trained adapters".
+length) and elementwise work are left out. LoRA is "everything frozen, gradients flow through every layer, plus
+small trained adapters". docs/costmodel.md derives the model and works it through for Llama-3.1-8B and SmolLM2-135M.
 
 Mixture-of-experts layers (Mixtral, Qwen2-MoE, Qwen3-MoE) cost what a token passes through: attention, the
 router, its `experts_per_token` experts and any shared expert; their weights and optimizer state count every

@@ -239,18 +239,18 @@ def training_arguments(cfg: TrainConfig, work_dir: Path, steps: int, seed: int, 
 
 def save_loss_plot(losses: list[tuple[int, float]], path: Path) -> None:
     """The stage's training loss against optimizer steps, as a PNG beside the model."""
-    import matplotlib
+    # A bare Figure on its own Agg canvas, not pyplot: the calling process keeps its backend and its figures.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
+    figure = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
     axes.plot([s for s, _ in losses], [loss for _, loss in losses], marker="." if len(losses) < 30 else None)
     axes.set(xlabel="optimizer step", ylabel="training loss (nats/token)", title=f"{path.parent.name.removesuffix('.partial')}: loss")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:

@@ -95,14 +95,15 @@ def markdown(results: dict) -> str:
 
 def plot(results: dict, path: Path) -> None:
     """Target and English bits/char of every finished cell against its training FLOPs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    # A bare Figure on its own Agg canvas, not pyplot: the calling process keeps its backend and its figures.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     cells = [c for c in results["cells"] if not c.get("missing")]
     target = results["target_language"]
-    figure, axes = plt.subplots(1, 2, figsize=(12, 5), dpi=100)
+    figure = Figure(figsize=(12, 5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2)
     base = _base_eval(cells)
     markers = {"base": "s", "elo": "o", "control": "^", "fft": "D", "lora": "v", "freeze": "P"}
     colours = {"base": "tab:grey", "elo": "tab:red", "control": "tab:green", "fft": "tab:blue", "lora": "tab:purple",
@@ -126,7 +127,6 @@ def plot(results: dict, path: Path) -> None:
     figure.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(tmp)
-    plt.close(figure)
     os.replace(tmp, path)
 
 
