@@ -3,8 +3,9 @@
 A leaf module of the standard library alone. Every writer here writes a temporary file beside the target (a
 hidden name ending in `.tmp`, unique to the writer, so concurrent writers never share one), flushes it to disk and
 renames it over the target: a reader sees the old file or the new one, never half of one, and on an error, a full
-disk or Ctrl-C the temporary file is removed and the old file stays. Folders (model outputs) are built the same way
-by `checkpoint.atomic_output`.
+disk or Ctrl-C the temporary file is removed and the old file stays. Folders are built the same way, in a staging
+folder renamed when complete: model outputs by `checkpoint.atomic_output` (which keeps a training stage's staging
+folder for resuming), the run's mixtures by `pipeline.build_data`, the converted demo model by `assets`.
 """
 
 from __future__ import annotations

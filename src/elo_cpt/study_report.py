@@ -7,6 +7,8 @@ import platform
 import time
 from pathlib import Path
 
+from elo_cpt import files
+
 METHOD_LABELS = {"base": "base model", "elo": "ELO", "control": "alignment only", "fft": "full fine-tuning",
                  "lora": "LoRA", "freeze": "freeze-tuning"}
 
@@ -125,13 +127,10 @@ def plot(results: dict, path: Path) -> None:
     unique = dict(zip(labels, handles))
     axes[0].legend(unique.values(), unique.keys(), fontsize=8)
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp)
-    os.replace(tmp, path)
+    with files.replacing(path) as tmp:
+        figure.savefig(tmp, format="png")
 
 
 def write(out: Path, results: dict) -> None:
-    tmp = out / ".results.md.tmp"
-    tmp.write_text(markdown(results))
-    os.replace(tmp, out / "results.md")
+    files.write_text(out / "results.md", markdown(results))
     plot(results, out / "results.png")
