@@ -1,4 +1,4 @@
-"""Tests of elo_cpt.assets: the text cleaners on small fixtures, and (slow) the real default assets."""
+"""Tests of elo_cpt.demo.assets: the text cleaners on small fixtures, and (slow) the real default assets."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from elo_cpt import assets as assets_module
-from elo_cpt.assets import DefaultAssets, prepare_assets
+from elo_cpt.demo import assets as assets_module
+from elo_cpt.demo.assets import DefaultAssets, prepare_assets
 from elo_cpt.files import cache_root
 from elo_cpt.errors import EloError
-from elo_cpt.textformats import mallard_to_text, parse_fortunes, roff_to_text
+from elo_cpt.demo.textformats import mallard_to_text, parse_fortunes, roff_to_text
 
 FIXTURES = Path(__file__).parent / "fixtures" / "assets"
 

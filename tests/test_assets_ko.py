@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from elo_cpt import assets as assets_module
-from elo_cpt.assets import LanguageAssets, prepare_assets, prepare_language
+from elo_cpt.demo import assets as assets_module
+from elo_cpt.demo.assets import LanguageAssets, prepare_assets, prepare_language
 from elo_cpt.files import cache_root
 from elo_cpt.errors import EloError
-from elo_cpt.textformats import hangul_lines, hangul_share, html_to_text, mallard_to_text
+from elo_cpt.demo.textformats import hangul_lines, hangul_share, html_to_text, mallard_to_text
 
 KOREAN = "문서에 하나 이상의 매크로가 포함되어 있을 때 매크로 보안 대화 상자가 나타납니다."
 ENGLISH = "Use a master document to organize complex projects, such as a book."

@@ -11,7 +11,7 @@ import elo_cpt
 
 PACKAGE = Path(elo_cpt.__file__).parent
 LEVELS = {
-    0: {"errors", "config", "checkpoint", "costmodel", "assets", "textformats", "report", "report_figures",
+    0: {"errors", "config", "checkpoint", "costmodel", "demo", "report", "report_figures",
         "study_report", "samples", "precision", "hub", "distributed", "modelcard", "findings", "files"},
     1: {"corpus", "tokencache", "data", "surgery", "stageclock", "chatvector"},
     2: {"engine", "train", "evaluation", "lmeval"},
@@ -21,7 +21,11 @@ LEVELS = {
 LEVEL = {module: level for level, modules in LEVELS.items() for module in modules}
 
 
-MODULES = {p.stem for p in PACKAGE.glob("*.py")}
+#: A subpackage (the embedded demo, `demo/`) counts as one module, named by its folder.
+SUBPACKAGES = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+MODULES = {p.stem for p in PACKAGE.glob("*.py")} | SUBPACKAGES
+#: The embedded demo is a guest: only the pipeline's defaults and the `elo assets` command reach it.
+DEMO_USERS = {"pipeline", "cli", "__init__"}
 
 
 def _package_name(name: str) -> str:
@@ -61,8 +65,11 @@ def imported_modules(source: str) -> set[str]:
 
 
 def imports() -> dict[str, set[str]]:
-    """Each module of the package -> the package's modules it imports, itself left out."""
-    return {p.stem: imported_modules(p.read_text()) - {p.stem} for p in sorted(PACKAGE.glob("*.py"))}
+    """Each module of the package (a subpackage as one) -> the package's modules it imports, itself left out."""
+    found = {p.stem: imported_modules(p.read_text()) - {p.stem} for p in sorted(PACKAGE.glob("*.py"))}
+    for name in sorted(SUBPACKAGES):
+        found[name] = set().union(*(imported_modules(p.read_text()) for p in (PACKAGE / name).rglob("*.py"))) - {name}
+    return found
 
 
 def test_every_import_form_is_seen():
@@ -136,7 +143,12 @@ def test_no_import_cycles_within_a_level():
     assert not cycles(same_level), cycles(same_level)
 
 
+def test_the_demo_stays_out_of_the_methods_way():
+    users = {module for module, imported in imports().items() if "demo" in imported}
+    assert users <= DEMO_USERS, f"only {sorted(DEMO_USERS)} may import the embedded demo, not {sorted(users - DEMO_USERS)}"
+
+
 def test_modules_stay_readable():
     """One module per concern, each small enough to read in one sitting."""
-    long = {p.name: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text().splitlines())) > 500}
+    long = {p.name: n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
     assert not long, f"split these modules: {long}"

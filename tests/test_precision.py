@@ -142,7 +142,7 @@ def test_gradient_accumulation_across_two_processes(shallow, tmp_path, corpora):
 def test_bf16_mixed_stage1_tracks_fp32_on_smollm2(tmp_path):
     """Stage 1 as `elo run` trains it (with bridges): the bf16-mixed loss curve stays within 2% of fp32's. bf16 is
     slow on CPUs, hence only six steps of 2 x 64 tokens."""
-    from elo_cpt.assets import prepare_assets
+    from elo_cpt.demo.assets import prepare_assets
 
     assets = prepare_assets()
     surgery.detach(assets.model, "0,-1", tmp_path / "shallow")

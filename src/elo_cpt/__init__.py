@@ -23,8 +23,8 @@ from elo_cpt.errors import EloError
 
 #: API name -> (module, attribute); imported on first use so `elo --help` does not load torch.
 _API = {
-    "prepare_assets": ("elo_cpt.assets", "prepare_assets"),
-    "prepare_language": ("elo_cpt.assets", "prepare_language"),
+    "prepare_assets": ("elo_cpt.demo.assets", "prepare_assets"),
+    "prepare_language": ("elo_cpt.demo.assets", "prepare_language"),
     "describe_config": ("elo_cpt.config", "describe"),
     "load_config": ("elo_cpt.config", "load_config"),
     "evaluate": ("elo_cpt.evaluation", "evaluate"),

@@ -198,8 +198,9 @@ def _trained(stats, out: str) -> str:
 
 def _eval(args: argparse.Namespace, api) -> None:
     """Bits/char and lm-eval tasks on one loaded model: the folder is read once for both."""
-    from elo_cpt.checkpoint import check_output, write_json
+    from elo_cpt.checkpoint import check_output
     from elo_cpt.evaluation import check_eval_settings, load_for_eval, parse_texts, read_eval_text
+    from elo_cpt.files import write_json
     from elo_cpt.lmeval import parse_tasks, task_manager
 
     texts, tasks = parse_texts(args.text), parse_tasks(args.tasks)
@@ -298,7 +299,7 @@ def dispatch(args: argparse.Namespace) -> None:
             found = api.prepare_assets()
             paths = [getattr(found, name) for name in names]
         else:  # same keys; the target-language ones point at that language's files
-            from elo_cpt.assets import prepare_language
+            from elo_cpt.demo.assets import prepare_language
 
             lang = prepare_language(args.language)  # rejects an unknown language first, then prepares the defaults
             found = api.prepare_assets()  # already prepared: returns at once

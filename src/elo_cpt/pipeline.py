@@ -32,8 +32,9 @@ from pathlib import Path
 import yaml
 from transformers import AutoConfig
 
-from elo_cpt import assets, checkpoint, config as config_mod, corpus, data, distributed, evaluation, files, report, surgery, train
+from elo_cpt import checkpoint, config as config_mod, corpus, data, distributed, evaluation, files, report, surgery, train
 from elo_cpt.config import RunConfig
+from elo_cpt.demo import assets
 from elo_cpt.pipeline_eval import check_eval_settings, finish_run, print_report
 from elo_cpt.stageclock import Timings
 from elo_cpt.errors import EloError

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from elo_cpt.errors import EloError
 from elo_cpt.files import cache_root, write_text
-from elo_cpt.textformats import hangul_lines, html_to_text, mallard_to_text, parse_fortunes, roff_to_text
+from elo_cpt.demo.textformats import hangul_lines, html_to_text, mallard_to_text, parse_fortunes, roff_to_text
 
 FORMAT = 1  # bump when the cleaning changes, so that old caches are rebuilt
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
