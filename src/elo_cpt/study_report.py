@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import platform
 import time
+from importlib import resources
 from pathlib import Path
+
+import jinja2
 
 from elo_cpt import files
 
@@ -76,23 +79,16 @@ def rows(results: dict) -> list[tuple[str, list[list[str]]]]:
 
 
 def markdown(results: dict) -> str:
+    """results.md, from the package's template (templates/study.md.j2), as the run report is written."""
     target = results["target_language"]
     header = ["cell", "method", "training tokens", "TFLOPs (x ELO)", "train s", "peak RSS GiB",
               f"{target} bits/char (vs base)", "en bits/char (vs base)", f"{target} before alignment", "note"]
-    m = results["machine"]
-    lines = [f"# Study results: {results['model']}, target {target}", "",
-             f"Machine: {m['cpu_count']} CPUs, {m['platform']}, torch {m['torch']}{', ' + m['gpu'] if 'gpu' in m else ''}; "
-             f"written {m['date_utc']} UTC.", "",
-             "Bits per character on held-out text (lower is better). FLOPs are the cost model's (docs/benchmarks.md); "
-             "train s is measured wall-clock training time (of every invocation, where a cell was resumed), peak RSS the "
-             "cell's process peak.", ""]
-    for group, table in rows(results):
-        lines += [f"## {group or 'Main comparison'}", "", "| " + " | ".join(header) + " |",
-                  "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in table]  # notes may hold |
-        lines.append("")
-    lines += ["![target and English bits/char against training FLOPs](results.png)", ""]
-    return "\n".join(lines)
+    environment = jinja2.Environment(autoescape=False, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    environment.filters["cell"] = lambda cell: str(cell).replace("|", "\\|")  # notes may hold |
+    template = resources.files("elo_cpt").joinpath("templates", "study.md.j2").read_text(encoding="utf-8")
+    machine = {"gpu": None, **results["machine"]}
+    return environment.from_string(template).render(model=results["model"], target=target, m=machine, header=header,
+                                                      groups=rows(results))
 
 
 def plot(results: dict, path: Path) -> None:
