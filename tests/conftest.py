@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import tempfile
 from pathlib import Path
@@ -51,6 +52,17 @@ def logged_steps(logs: Path, tag: str = "train/loss") -> list[list[int]]:
 
     return [[event.step for event in EventFileLoader(str(path)).Load() if any(v.tag == tag for v in event.summary.value)]
             for path in sorted(logs.glob("events.out.tfevents.*"))]
+
+
+def assert_resumed(stderr: str, partial: Path, straight: Path, resumed: Path, steps: int, every: int) -> None:
+    """A killed stage's rerun resumed, not restarted: it names the last complete checkpoint of `partial` it resumed
+    from, and its TensorBoard file logs only the steps after it, where the uninterrupted run logged every one."""
+    found = re.search(rf"resuming from {re.escape(str(partial))}/checkpoint-(\d+): run 2 of this stage", stderr)
+    assert found, stderr[-3000:]
+    resumed_at = int(found.group(1))
+    assert resumed_at in range(every, steps, every)  # the newest checkpoint may have been cut short: then the one before
+    assert logged_steps(straight / "logs") == [list(range(1, steps + 1))]
+    assert [s for s in logged_steps(resumed / "logs") if s[-1:] == [steps]] == [list(range(resumed_at + 1, steps + 1))]
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:

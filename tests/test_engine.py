@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer
 
-from conftest import VOCAB, free_port, logged_steps, make_tokenizer, save_tiny_model
+from conftest import VOCAB, assert_resumed, free_port, make_tokenizer, save_tiny_model
 from elo_cpt import engine, surgery, train
 from elo_cpt.config import TrainConfig
 
@@ -144,12 +143,7 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_weights(tmp_path, corpora, st
     rerun = subprocess.run(_elo(stage, model, *common, "--out", tmp_path / "killed"), check=True, env=ENV, capture_output=True, text=True)
     # It resumed, not restarted: from the last checkpoint the killed run completed, training only the steps after it
     # (its own TensorBoard file; the uninterrupted run logged every one of its 32 steps).
-    found = re.search(rf"resuming from {re.escape(str(partial))}/checkpoint-(\d+): run 2 of this stage", rerun.stderr)
-    assert found, rerun.stderr[-3000:]
-    resumed_at = int(found.group(1))
-    assert resumed_at in (4, 8, 12, 16, 20, 24, 28)  # checkpoint-8 may have been cut short: then checkpoint-4
-    assert logged_steps(tmp_path / "straight" / "logs") == [list(range(1, 33))]
-    assert [s for s in logged_steps(tmp_path / "killed" / "logs") if s[-1:] == [32]] == [list(range(resumed_at + 1, 33))]
+    assert_resumed(rerun.stderr, partial, tmp_path / "straight", tmp_path / "killed", steps=32, every=4)
     straight, resumed = tensors(tmp_path / "straight"), tensors(tmp_path / "killed")
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
