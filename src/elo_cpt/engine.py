@@ -137,8 +137,8 @@ class EloTrainer(Trainer):
         inner = self.accelerator.unwrap_model(model)
         head = inner.get_output_embeddings()
         inner.set_output_embeddings(Passthrough())
-        try:
-            hidden = model(input_ids=inputs["input_ids"]).logits
+        try:  # padded batches (chat data) bring an attention mask; packed rows are full and have none
+            hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
         finally:
             inner.set_output_embeddings(head)
         # Accelerate autocasts only the model's forward; the head runs here, so it gets the same precision.
@@ -261,7 +261,11 @@ def last_complete_checkpoint(folder: Path) -> str | None:
 
 def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainConfig, work_dir: Path, seed: int
                 ) -> tuple[StageStats, Trainer]:
-    """Train `model` in place on `dataset` for one pass; checkpoints go to `work_dir/checkpoints`."""
+    """Train `model` in place on `dataset` for one pass; checkpoints go to `work_dir/checkpoints`.
+
+    `dataset` is packed rows, or any dataset with the same `shuffled` and `tokens_of` (the tokens of its first n
+    examples, padding excluded) and, for examples of different lengths, a `collate` that pads a batch.
+    """
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     dataset = dataset.shuffled(order)  # a permutation of indices: the (memory-mapped) rows are not copied
     world = distributed.world_size()
@@ -269,8 +273,9 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
     precision = precision_mod.resolve(cfg.precision)
     optim, custom_optimizer = precision_mod.optimizer(cfg)
     args = training_arguments(cfg, work_dir, steps, seed, precision, optim)
-    seq_len = dataset.seq_len
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * max(1, args.world_size) * seq_len
+    examples_per_step = cfg.batch_size * cfg.grad_accum * max(1, args.world_size)
+    # packed rows: exactly seq_len per example; padded examples: their mean length, for the progress bar's rate
+    tokens_per_step = round(examples_per_step * dataset.tokens_of(len(dataset)) / len(dataset))
     clock = StageClock(work_dir / CLOCK_FILE, write=args.process_index == 0)
     callbacks = [TokensPerSecond(tokens_per_step), clock]
     if args.process_index == 0 and "tensorboard" in cfg.report_to:
@@ -280,7 +285,7 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(work_dir / "logs"))))
     use_cache = model.config.use_cache  # Trainer turns the KV cache off for training; the saved model keeps the input's
     trainer = EloTrainer(model=model, args=args, train_dataset=dataset, loss_chunk=cfg.loss_chunk, callbacks=callbacks,
-                         optimizer_cls_and_kwargs=custom_optimizer)
+                         optimizer_cls_and_kwargs=custom_optimizer, data_collator=getattr(dataset, "collate", None))
     resume = last_complete_checkpoint(Path(args.output_dir))
     if resume or clock.invocations > 1:
         print(f"resuming from {resume or 'the start (no complete checkpoint)'}: run {clock.invocations} of this stage, "
@@ -297,7 +302,7 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
         save_loss_plot(losses, work_dir / "loss.png")
     stats = StageStats(
         steps=trainer.state.global_step,
-        tokens=min(trainer.state.global_step * tokens_per_step, len(dataset) * seq_len),
+        tokens=dataset.tokens_of(min(trainer.state.global_step * examples_per_step, len(dataset))),
         seconds=round(seconds, 2),
         resumes=clock.invocations - 1,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
