@@ -357,6 +357,14 @@ def test_elo_eval_chat_and_greedy_answers(tmp_path, capsys):
         c.answer_chars for c in iter_conversations(str(CHATS / "de_eval.jsonl")))
     assert main(["eval", str(model), "--chat", "de=missing.jsonl"]) == 1
     assert capsys.readouterr().err == "elo: error: corpus missing.jsonl does not exist; check the path\n"
+    plain = save_tiny_model(tmp_path / "plain")
+    capsys.readouterr()
+    assert main(["eval", str(plain), "--chat", f"de={CHATS / 'de_eval.jsonl'}"]) == 1
+    assert capsys.readouterr().err.startswith(f"elo: error: {plain} has no chat template")
+    (tmp_path / "chatml.jinja").write_text(CHATML)  # the fixture tokenizer has no ChatML tokens: they are text here
+    assert main(["eval", str(plain), "--chat", f"de={CHATS / 'de_eval.jsonl'}", "--chat-template", str(tmp_path / "chatml.jinja")]) == 0
+    # as text, the ChatML tokens make two conversations longer than the default --seq-len: skipped and counted
+    assert "\t8 conversations\t2 longer than 256 tokens skipped\n" in capsys.readouterr().out
     loaded, tokenizer = AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model)
     answers = chateval.chat_answers(loaded, tokenizer, ["Hallo?", "Wie geht es?"], max_new_tokens=5)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)

@@ -222,13 +222,12 @@ def _trained(stats, out: str) -> str:
 
 
 def _eval(args: argparse.Namespace, api) -> None:
-    """Bits/char and lm-eval tasks on one loaded model: the folder is read once for both."""
-    from elo_cpt.checkpoint import check_output, write_json
+    """Bits/char, answer bits/char and lm-eval tasks on one loaded model: the folder is read once for all."""
+    from elo_cpt.chateval import check_chats, parse_chats
+    from elo_cpt.chattokens import ChatEncoder, read_template
+    from elo_cpt.checkpoint import check_output, load_tokenizer, write_json
     from elo_cpt.evaluation import check_eval_settings, load_for_eval, parse_texts, read_eval_text
     from elo_cpt.lmeval import parse_tasks, task_manager
-
-    from elo_cpt.chattokens import read_template
-    from elo_cpt.chateval import check_chats, parse_chats
 
     texts, chats, tasks = parse_texts(args.text), parse_chats(args.chat), parse_tasks(args.tasks)
     if not texts and not chats and not tasks:
@@ -236,8 +235,7 @@ def _eval(args: argparse.Namespace, api) -> None:
                        "and/or --tasks A,B (lm-eval)")
     if args.chat_template and not chats:
         raise EloError("--chat-template applies to --chat conversations; pass --chat LANG=FILE too")
-    if args.chat_template:
-        read_template(args.chat_template)  # a missing or wrong file fails before the model is loaded
+    template = read_template(args.chat_template) if args.chat_template else None  # a bad file fails before the model loads
     check_eval_settings(args.seq_len, args.batch_size, args.max_chars)
     if args.limit is not None and args.limit < 1:
         raise EloError(f"--limit must be at least 1 example per task, not {args.limit}")
@@ -248,9 +246,13 @@ def _eval(args: argparse.Namespace, api) -> None:
     for path in texts.values():  # unreadable or binary text fails before the model is loaded
         read_eval_text(path)
     check_chats(chats)  # and so do missing chat files and bad records
+    tokenizer = None
+    if chats:  # and a tokenizer without a chat template
+        tokenizer = load_tokenizer(args.model)
+        ChatEncoder(tokenizer, str(args.model), template)
     # A typo in a task name fails here, before the model is loaded.
     manager = task_manager(tasks, args.include_path) if tasks else None
-    model, tokenizer = load_for_eval(args.model)
+    model, tokenizer = load_for_eval(args.model, tokenizer)
     results: dict = {}
     if texts:
         results["bits_per_char"] = api.evaluate(model, texts, tokenizer, seq_len=args.seq_len, max_chars=args.max_chars,
