@@ -10,7 +10,9 @@ The Python API mirrors the `elo` command one to one:
     elo chat-vector -> chat_vector(target, base, instruct, out, scale=1.0, skip=())
     elo align     -> align(model, data, out, ...)
     elo finetune  -> finetune(model, data, out, ..., method=fft|freeze|lora)
-    elo eval      -> evaluate(model, {lang: path}, ...) and evaluate_tasks(model, "task1,task2", ...)
+    elo sft       -> sft(model, data, out, ..., method=fft|lora, chat_template=None)
+    elo eval      -> evaluate(model, {lang: path}, ...), evaluate_chat(model, {lang: chats}, ...) and
+                     evaluate_tasks(model, "task1,task2", ...); chat_answers(model, tokenizer, prompts) for samples
     elo report    -> write_report(run_dir)
     elo assets    -> prepare_assets() / prepare_language(language)
     elo bench     -> bench(model_or_shape, methods, ...)
@@ -29,6 +31,8 @@ _API = {
     "load_config": ("elo_cpt.config", "load_config"),
     "evaluate": ("elo_cpt.evaluation", "evaluate"),
     "evaluate_tasks": ("elo_cpt.lmeval", "evaluate_tasks"),
+    "evaluate_chat": ("elo_cpt.chateval", "evaluate_chat"),
+    "chat_answers": ("elo_cpt.chateval", "chat_answers"),
     "write_report": ("elo_cpt.report", "write_report"),
     "run": ("elo_cpt.pipeline", "run"),
     "detach": ("elo_cpt.surgery", "detach"),
@@ -36,6 +40,7 @@ _API = {
     "chat_vector": ("elo_cpt.chatvector", "chat_vector"),
     "align": ("elo_cpt.train", "align"),
     "finetune": ("elo_cpt.train", "finetune"),
+    "sft": ("elo_cpt.train", "sft"),
     "pretrain": ("elo_cpt.train", "pretrain"),
     "bridge": ("elo_cpt.train", "bridge"),
     "bench": ("elo_cpt.bench", "bench"),

@@ -40,10 +40,15 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_known_args(join_layer_specs(sys.argv[1:] if args is None else list(args)), namespace)
 
 
-def _add_training_options(parser: argparse.ArgumentParser, lr: float) -> None:
-    parser.add_argument("--data", action="append", default=[], metavar="SOURCE[#FIELD][@WEIGHT]",
-                        help="training corpus: a .txt, .jsonl or .parquet file, a folder, a glob, a save_to_disk folder or "
-                             "hf:NAME[:CONFIG[:SPLIT]] (docs/data.md); repeat to mix, weights are byte shares")
+TEXT_DATA_HELP = ("training corpus: a .txt, .jsonl or .parquet file, a folder, a glob, a save_to_disk folder or "
+                  "hf:NAME[:CONFIG[:SPLIT]] (docs/data.md); repeat to mix, weights are byte shares")
+CHAT_DATA_HELP = ("conversations: a .jsonl, .json or .parquet file of `messages` or ShareGPT `conversations` records, a "
+                  "folder, a glob, a save_to_disk folder or hf:NAME[:CONFIG[:SPLIT]] (docs/stage3.md); repeat to mix, "
+                  "weights are byte shares (with --tokens)")
+
+
+def _add_training_options(parser: argparse.ArgumentParser, lr: float, data_help: str = TEXT_DATA_HELP) -> None:
+    parser.add_argument("--data", action="append", default=[], metavar="SOURCE[#FIELD][@WEIGHT]", help=data_help)
     parser.add_argument("--out", required=True, help="output model folder (written when complete)")
     parser.add_argument("--tokens", type=int, default=None, help="training tokens (default: one pass over the data)")
     parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
@@ -122,15 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--lora-rank", type=int, default=16)
     _add_training_options(finetune, lr=5e-5)
 
+    sft = sub.add_parser("sft", help="stage 3: supervised fine-tuning on conversations through the model's chat template",
+                         description="Supervised fine-tuning on conversations rendered with the model's chat template; "
+                                     "the loss is on the assistant's answers only. Conversations longer than --seq-len "
+                                     "tokens are skipped and counted.")
+    sft.add_argument("model", help="Hugging Face model folder or hub id (e.g. the output of elo chat-vector)")
+    sft.add_argument("--method", choices=["fft", "lora"], default="fft", help="fft: every parameter (default); lora: adapters, merged at the end")
+    sft.add_argument("--lora-rank", type=int, default=16)
+    sft.add_argument("--chat-template", metavar="FILE", help="Jinja chat template to use instead of the tokenizer's (kept in the output)")
+    _add_training_options(sft, lr=5e-5, data_help=CHAT_DATA_HELP)
+
     ev = sub.add_parser("eval", help="bits per character on held-out text per language, and lm-evaluation-harness tasks")
     ev.add_argument("model", help="Hugging Face model folder (safetensors)")
     ev.add_argument("--text", action="append", default=[], metavar="LANG=PATH", help="held-out text for bits/char; repeat per language")
+    ev.add_argument("--chat", action="append", default=[], metavar="LANG=FILE",
+                    help="held-out conversations for answer bits/char through the chat template; repeat per language")
+    ev.add_argument("--chat-template", metavar="FILE", help="with --chat: Jinja chat template to use instead of the tokenizer's")
     ev.add_argument("--tasks", default="", metavar="A,B", help="lm-eval tasks, groups or tags, e.g. kobest_copa,mmlu")
     ev.add_argument("--include-path", metavar="DIR", help="folder of extra lm-eval task YAML files (local tasks)")
     ev.add_argument("--limit", type=int, help="at most this many examples per lm-eval task (quick checks)")
     ev.add_argument("--num-fewshot", type=int, help="few-shot examples per lm-eval prompt (default: each task's own)")
     ev.add_argument("--batch-size", type=int, default=8, help="windows or lm-eval requests at once (default 8)")
-    ev.add_argument("--seq-len", type=int, default=256, help="tokens per evaluation window (default 256)")
+    ev.add_argument("--seq-len", type=int, default=256, help="tokens per evaluation window; with --chat, longer conversations are skipped (default 256)")
     ev.add_argument("--max-chars", type=int, default=0, help="use at most this many characters per text (default all)")
     ev.add_argument("--json", help="also write the results to this JSON file: {bits_per_char: {lang: ...}, lm_eval: {task: ...}}")
 
@@ -197,15 +215,21 @@ def _trained(stats, out: str) -> str:
 
 
 def _eval(args: argparse.Namespace, api) -> None:
-    """Bits/char and lm-eval tasks on one loaded model: the folder is read once for both."""
-    from elo_cpt.checkpoint import check_output
+    """Bits/char, answer bits/char and lm-eval tasks on one loaded model: the folder is read once for all."""
+    from elo_cpt.chateval import check_chats, parse_chats
+    from elo_cpt.chattokens import ChatEncoder, read_template
+    from elo_cpt.checkpoint import check_output, load_tokenizer
     from elo_cpt.evaluation import check_eval_settings, load_for_eval, parse_texts, read_eval_text
     from elo_cpt.files import write_json
     from elo_cpt.lmeval import parse_tasks, task_manager
 
-    texts, tasks = parse_texts(args.text), parse_tasks(args.tasks)
-    if not texts and not tasks:
-        raise EloError("nothing to evaluate; pass --text LANG=PATH (bits/char) and/or --tasks A,B (lm-eval)")
+    texts, chats, tasks = parse_texts(args.text), parse_chats(args.chat), parse_tasks(args.tasks)
+    if not texts and not chats and not tasks:
+        raise EloError("nothing to evaluate; pass --text LANG=PATH (bits/char), --chat LANG=FILE (answer bits/char) "
+                       "and/or --tasks A,B (lm-eval)")
+    if args.chat_template and not chats:
+        raise EloError("--chat-template applies to --chat conversations; pass --chat LANG=FILE too")
+    template = read_template(args.chat_template) if args.chat_template else None  # a bad file fails before the model loads
     check_eval_settings(args.seq_len, args.batch_size, args.max_chars)
     if args.limit is not None and args.limit < 1:
         raise EloError(f"--limit must be at least 1 example per task, not {args.limit}")
@@ -215,15 +239,27 @@ def _eval(args: argparse.Namespace, api) -> None:
         check_output(args.json, flag="--json", file=True)  # writable, before the model is loaded
     for path in texts.values():  # unreadable or binary text fails before the model is loaded
         read_eval_text(path)
+    check_chats(chats)  # and so do missing chat files and bad records
+    tokenizer = None
+    if chats:  # and a tokenizer without a chat template
+        tokenizer = load_tokenizer(args.model)
+        ChatEncoder(tokenizer, str(args.model), template)
     # A typo in a task name fails here, before the model is loaded.
     manager = task_manager(tasks, args.include_path) if tasks else None
-    model, tokenizer = load_for_eval(args.model)
+    model, tokenizer = load_for_eval(args.model, tokenizer)
     results: dict = {}
     if texts:
         results["bits_per_char"] = api.evaluate(model, texts, tokenizer, seq_len=args.seq_len, max_chars=args.max_chars,
                                                 batch_size=args.batch_size)
         for lang, result in results["bits_per_char"].items():
             print(f"{lang}\t{result['bits_per_char']:.4f} bits/char\t{result['bits_per_byte']:.4f} bits/byte\t{result['chars']} chars")
+    if chats:
+        results["answer_bits_per_char"] = api.evaluate_chat(model, chats, tokenizer, seq_len=args.seq_len,
+                                                            batch_size=args.batch_size, chat_template=args.chat_template)
+        for lang, result in results["answer_bits_per_char"].items():
+            skipped = f"\t{result['skipped_too_long']} longer than {args.seq_len} tokens skipped" if result["skipped_too_long"] else ""
+            print(f"{lang}\t{result['answer_bits_per_char']:.4f} answer bits/char\t{result['answer_chars']} answer chars\t"
+                  f"{result['conversations']} conversations{skipped}")
     if tasks:
         results["lm_eval"] = api.evaluate_tasks(model, tasks, tokenizer, include_path=args.include_path, limit=args.limit,
                                                 batch_size=args.batch_size, num_fewshot=args.num_fewshot, manager=manager)
@@ -267,6 +303,10 @@ def dispatch(args: argparse.Namespace) -> None:
         print(_trained(stats, args.out))
     elif args.command == "finetune":
         stats = api.finetune(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.method, args.layers)
+        print(_trained(stats, args.out))
+    elif args.command == "sft":
+        stats = api.sft(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.method,
+                        args.chat_template)
         print(_trained(stats, args.out))
     elif args.command == "eval":
         _eval(args, api)

@@ -92,23 +92,28 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
 
 
-def source_files(path: str | Path) -> list[Path]:
-    """The files (or saved dataset folders) a source names, in a stable order."""
+def _kinds(suffixes: tuple[str, ...]) -> str:
+    return ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
+
+
+def source_files(path: str | Path, suffixes: tuple[str, ...] = FILE_SUFFIXES) -> list[Path]:
+    """The files (or saved dataset folders) a source names, in a stable order; a folder or glob contributes its files
+    ending in one of `suffixes` (chat data reads other formats than text corpora)."""
     if is_hub(path):
         raise EloError(f"{path} is read by datasets.load_dataset, not file by file")
     path = Path(path)
     if any(ch in str(path) for ch in "*?["):
         found = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
-        files = [p for p in found if p.suffix in FILE_SUFFIXES and p.is_file() or _is_saved_dataset(p)]
+        files = [p for p in found if p.suffix in suffixes and p.is_file() or _is_saved_dataset(p)]
         if not files:
-            raise EloError(f"no .txt, .jsonl or .parquet file matches {path}; check the pattern")
+            raise EloError(f"no {_kinds(suffixes)} file matches {path}; check the pattern")
         return files
     if _is_saved_dataset(path) or path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
         if not files:
-            raise EloError(f"folder {path} holds no .txt, .jsonl or .parquet file")
+            raise EloError(f"folder {path} holds no {_kinds(suffixes)} file")
         return files
     raise EloError(f"corpus {path} does not exist; check the path")
 
@@ -124,7 +129,7 @@ _EARLY_CHARS, _EARLY_SHARE = 4096, NOT_TEXT_SHARE
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
 
 
-def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, line with its newline) of a text file, streamed; invalid UTF-8 is replaced, with a warning
     at the end saying how much, and a file that is mostly not text (see NOT_TEXT_SHARE) is refused."""
     replaced = bad = chars = 0
@@ -155,15 +160,15 @@ def _check_text(path: Path, bad: int, chars: int, share: float = NOT_TEXT_SHARE)
 
 
 def read_text(path: Path) -> str:
-    """A whole text file, decoded as `_text_lines` does (a few invalid bytes replaced, a binary file refused)."""
-    text = "".join(line for _, line in _text_lines(Path(path)))
+    """A whole text file, decoded as `text_lines` does (a few invalid bytes replaced, a binary file refused)."""
+    text = "".join(line for _, line in text_lines(Path(path)))
     return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as Path.read_text reads
 
 
 def _txt_documents(path: Path) -> Iterator[str]:
     """Blocks of a text file separated by blank (or whitespace-only) lines."""
     lines: list[str] = []
-    for _, line in _text_lines(path):
+    for _, line in text_lines(path):
         if line.strip():
             lines.append(line)
         elif lines:
@@ -174,7 +179,7 @@ def _txt_documents(path: Path) -> Iterator[str]:
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    for number, line in _text_lines(path):
+    for number, line in text_lines(path):
         if not line.strip():
             continue
         try:

@@ -317,6 +317,10 @@ class PackedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.order) if self.order is not None else int(self.rows.shape[0])
 
+    def tokens_of(self, examples: int) -> int:
+        """The tokens of the first `examples` rows (every row is full), as the engine counts trained tokens."""
+        return examples * self.seq_len
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if self.order is not None:
             index = int(self.order[index])

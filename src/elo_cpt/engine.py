@@ -116,7 +116,8 @@ def chunked_lm_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
 
 def model_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int,
                   num_items: torch.Tensor | int | None = None, inner: nn.Module | None = None,
-                  head_autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+                  head_autocast: contextlib.AbstractContextManager | None = None,
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The loss of one batch as elo-cpt trains it, shared by `EloTrainer` and `elo bench`: the model runs with its
     head replaced by a pass-through, so it returns hidden states, and the head runs in `chunked_lm_loss`.
 
@@ -127,7 +128,7 @@ def model_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tenso
     head = inner.get_output_embeddings()
     inner.set_output_embeddings(Passthrough())
     try:
-        hidden = model(input_ids=input_ids).logits
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask).logits
     finally:
         inner.set_output_embeddings(head)
     with head_autocast or contextlib.nullcontext():
@@ -156,8 +157,10 @@ class EloTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.loss_chunk:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # padded batches (chat data) bring an attention mask; packed rows are full and have none
         loss = model_lm_loss(model, inputs["input_ids"], inputs["labels"], self.loss_chunk, num_items_in_batch,
-                             inner=self.accelerator.unwrap_model(model), head_autocast=self.accelerator.autocast())
+                             inner=self.accelerator.unwrap_model(model), head_autocast=self.accelerator.autocast(),
+                             attention_mask=inputs.get("attention_mask"))
         # Trainer counts `num_items_in_batch` over the accumulated batch of every process (for models that take loss
         # kwargs) and then leaves the loss undivided by the accumulation steps; DDP averages the gradients across
         # processes, which the global count has already done, hence the same rescaling as Trainer's own loss.
@@ -275,7 +278,11 @@ def last_complete_checkpoint(folder: Path) -> str | None:
 
 def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainConfig, work_dir: Path, seed: int
                 ) -> tuple[StageStats, Trainer]:
-    """Train `model` in place on `dataset` for one pass; checkpoints go to `work_dir/checkpoints`."""
+    """Train `model` in place on `dataset` for one pass; checkpoints go to `work_dir/checkpoints`.
+
+    `dataset` is packed rows, or any dataset with the same `shuffled` and `tokens_of` (the tokens of its first n
+    examples, padding excluded) and, for examples of different lengths, a `collate` that pads a batch.
+    """
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     dataset = dataset.shuffled(order)  # a permutation of indices: the (memory-mapped) rows are not copied
     world = distributed.world_size()
@@ -283,8 +290,9 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
     precision = precision_mod.resolve(cfg.precision)
     optim, custom_optimizer = precision_mod.optimizer(cfg)
     args = training_arguments(cfg, work_dir, steps, seed, precision, optim)
-    seq_len = dataset.seq_len
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * max(1, args.world_size) * seq_len
+    examples_per_step = cfg.batch_size * cfg.grad_accum * max(1, args.world_size)
+    # packed rows: exactly seq_len per example; padded examples: their mean length, for the progress bar's rate
+    tokens_per_step = round(examples_per_step * dataset.tokens_of(len(dataset)) / len(dataset))
     clock = StageClock(work_dir / CLOCK_FILE, write=args.process_index == 0)
     callbacks = [TokensPerSecond(tokens_per_step), clock]
     if args.process_index == 0 and "tensorboard" in cfg.report_to:
@@ -294,7 +302,7 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(work_dir / "logs"))))
     use_cache = model.config.use_cache  # Trainer turns the KV cache off for training; the saved model keeps the input's
     trainer = EloTrainer(model=model, args=args, train_dataset=dataset, loss_chunk=cfg.loss_chunk, callbacks=callbacks,
-                         optimizer_cls_and_kwargs=custom_optimizer)
+                         optimizer_cls_and_kwargs=custom_optimizer, data_collator=getattr(dataset, "collate", None))
     resume = last_complete_checkpoint(Path(args.output_dir))
     if resume or clock.invocations > 1:
         print(f"resuming from {resume or 'the start (no complete checkpoint)'}: run {clock.invocations} of this stage, "
@@ -311,7 +319,7 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
         save_loss_plot(losses, work_dir / "loss.png")
     stats = StageStats(
         steps=trainer.state.global_step,
-        tokens=min(trainer.state.global_step * tokens_per_step, len(dataset) * seq_len),
+        tokens=dataset.tokens_of(min(trainer.state.global_step * examples_per_step, len(dataset))),
         seconds=round(seconds, 2),
         resumes=clock.invocations - 1,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),

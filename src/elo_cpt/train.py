@@ -1,4 +1,4 @@
-"""Training stages: ELO stage 1, alignment, and the baselines users compare against.
+"""Training stages: ELO stage 1, alignment, the baselines users compare against, and stage 3's supervised fine-tuning.
 
 This module decides what trains and where outputs land; `engine` trains it (transformers' Trainer). A stage builds
 its output in `OUT.partial/` and renames it to `OUT` when complete; rerunning an interrupted command resumes from
@@ -6,7 +6,7 @@ the last checkpoint there.
 
 Methods (one engine, same data and token budget):
     elo     stage 1: the shallow model's decoder layers train (`pretrain`)
-    fft     every parameter trains (`align` is fft on the merged model)
+    fft     every parameter trains (`align` is fft on the merged model; `sft` on conversations, stage 3)
     freeze  the selected layers train, but the whole model is computed
     lora    low-rank adapters on every linear layer (peft), merged into the weights at the end
 """
@@ -20,9 +20,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 from transformers import AutoConfig, PreTrainedModel
 
-from elo_cpt import checkpoint, data, distributed, files, surgery
+from elo_cpt import chattokens, checkpoint, data, distributed, files, surgery
 from elo_cpt import precision as precision_mod
 from elo_cpt.config import AUTO, FINETUNE_METHODS, TrainConfig, bridge_token_count, check_seq_len, validate_train
 from elo_cpt.engine import StageStats, last_complete_checkpoint, run_trainer
@@ -31,6 +32,7 @@ from elo_cpt.stageclock import CLOCK_FILE
 
 STATS_FILE = "training_stats.json"
 METHODS = FINETUNE_METHODS
+SFT_METHODS = ("fft", "lora")
 
 
 def train_only_layers(model: PreTrainedModel, layers: list[int] | None = None) -> int:
@@ -75,10 +77,15 @@ def _run_stage(
     save: Callable[[PreTrainedModel, Path], None],
     extra_stats: dict | None = None,
     provenance: dict | None = None,
+    load_data: Callable[[object], Dataset] | None = None,
+    finish: Callable[[Path], None] | None = None,
 ) -> StageStats:
     """The sequence every training stage shares: data, model, what trains (`prepare`), Trainer, then the result in
     `out` (`save` writes the model files from the in-memory model; the side files, stats and a shallow model's
     provenance, as it stands after `prepare`, are added here).
+
+    The data is `sources` packed into rows of `seq_len` tokens, unless `load_data` builds it from the tokenizer
+    (chat data: padded conversations). `finish` adds files to the output after the side files are copied.
 
     Under FSDP or DeepSpeed the parameters are sharded across processes, so the model is gathered and saved with
     Trainer's own `save_model` on every process instead of `save`.
@@ -90,10 +97,11 @@ def _run_stage(
     stored_dtype = checkpoint.stored_dtype(model_dir)
     tokenizer = checkpoint.load_tokenizer(model_dir)
     with distributed.main_first():  # one process tokenizes into the cache, the others read it
-        dataset = data.load_training_data(sources, tokenizer, seq_len, cfg.tokens)
+        dataset = load_data(tokenizer) if load_data else data.load_training_data(sources, tokenizer, seq_len, cfg.tokens)
     world = distributed.world_size()
     if len(dataset) < cfg.batch_size * cfg.grad_accum * world:
-        raise EloError(f"{len(dataset)} sequences of {seq_len} tokens cannot fill one optimizer step of {cfg.batch_size} "
+        what = f"sequences of {seq_len} tokens" if load_data is None else f"examples of up to {seq_len} tokens"
+        raise EloError(f"{len(dataset)} {what} cannot fill one optimizer step of {cfg.batch_size} "
                        f"sequences x {cfg.grad_accum} accumulation steps x {world} processes; raise the token budget or "
                        "lower the batch size, accumulation or process count")
     with stage_output(out) as (staging, main):
@@ -110,6 +118,8 @@ def _run_stage(
         if not sharded:
             save(model.to(stored_dtype), staging)
         checkpoint.copy_side_files(model_dir, staging, skip=("config.json", "generation_config.json"))
+        if finish is not None:
+            finish(staging)
         engine = "fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled else None
         files.write_json(staging / STATS_FILE, {**stats.to_dict(), **(extra_stats or {}),
                                                      "sharding": engine})
@@ -189,18 +199,61 @@ def finetune(
     if method not in METHODS:
         raise EloError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     model_dir = checkpoint.require_model_dir(model_dir)
+    prepare, save = _method(method, cfg or TrainConfig(), layers)
+    return _run_stage(model_dir, sources, out, cfg or TrainConfig(), seq_len, seed, prepare, save, {"method": method})
+
+
+def _method(method: str, cfg: TrainConfig, layers: str = "0,-1") -> tuple[Callable, Callable]:
+    """What trains in a whole-model method (`prepare`) and how the result is saved (`save`)."""
 
     def prepare(model: PreTrainedModel) -> PreTrainedModel:
         if method == "freeze":
             train_only_layers(model, surgery.resolve_layers(layers, surgery.num_layers(model.config)))
         elif method == "lora":
-            model = with_lora(model, (cfg or TrainConfig()).lora_rank)
+            model = with_lora(model, cfg.lora_rank)
         return model
 
     def save(model: PreTrainedModel, staging: Path) -> None:
         (model.merge_and_unload() if method == "lora" else model).save_pretrained(staging, safe_serialization=True)
 
-    return _run_stage(model_dir, sources, out, cfg or TrainConfig(), seq_len, seed, prepare, save, {"method": method})
+    return prepare, save
+
+
+def sft(
+    model_dir: str | Path,
+    sources: list[str],
+    out: str | Path,
+    cfg: TrainConfig | None = None,
+    seq_len: int = 256,
+    seed: int = 0,
+    method: str = "fft",
+    chat_template: str | Path | None = None,
+) -> StageStats:
+    """Stage 3's supervised fine-tuning: train on conversations rendered with the model's chat template (or the
+    Jinja file `chat_template`, which the output then keeps), with the loss on the assistant's answers only.
+
+    `method` is fft (every parameter) or lora (merged into the weights at the end). Conversations longer than
+    `seq_len` tokens are skipped and counted (in `training_stats.json`); `cfg.tokens` caps the conversations' tokens
+    and lets weights mix sources (see `chattokens.load_chat_data`).
+    """
+    if method not in SFT_METHODS:
+        raise EloError(f"unknown method {method!r} for sft; use one of {', '.join(SFT_METHODS)}")
+    model_dir = checkpoint.require_model_dir(model_dir)
+    template = chattokens.read_template(chat_template) if chat_template is not None else None
+    cfg = cfg or TrainConfig()
+    extra = {"method": method, "chat_template": str(chat_template) if chat_template is not None else None}
+
+    def load_data(tokenizer) -> chattokens.ChatDataset:
+        dataset = chattokens.load_chat_data(sources, tokenizer, seq_len, cfg.tokens, model=str(model_dir), template=template)
+        extra["chat_data"] = dataset.summary  # written into training_stats.json with the stage's stats
+        return dataset
+
+    def finish(staging: Path) -> None:
+        if template is not None:
+            chattokens.write_template(staging, template)
+
+    prepare, save = _method(method, cfg)
+    return _run_stage(model_dir, sources, out, cfg, seq_len, seed, prepare, save, extra, load_data=load_data, finish=finish)
 
 
 def with_lora(model: PreTrainedModel, rank: int):
