@@ -11,7 +11,7 @@ import elo_cpt
 
 PACKAGE = Path(elo_cpt.__file__).parent
 LEVELS = {
-    0: {"errors", "config", "checkpoint", "costmodel", "demo", "report", "report_figures",
+    0: {"errors", "config", "configparse", "checkpoint", "costmodel", "demo", "report", "report_figures",
         "study_report", "samples", "precision", "hub", "distributed", "modelcard", "findings", "files"},
     1: {"corpus", "tokencache", "data", "surgery", "stageclock", "chatvector", "chatdata", "chattokens"},
     2: {"engine", "train", "evaluation", "lmeval", "chateval"},

@@ -1,21 +1,20 @@
 """Typed configuration of an ELO run: one YAML file plus `key=value` overrides (dotted keys for sections).
 
-A leaf module. Every field carries a docstring; `describe()` lists them for `elo run --show-config`. Why plain
-dataclasses rather than jsonargparse, OmegaConf or pydantic: docs/design.md.
+Every field carries a docstring; `describe()` lists them for `elo run --show-config`; `configparse` applies YAML values
+and overrides. Why plain dataclasses rather than jsonargparse, OmegaConf or pydantic: docs/design.md.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
-import types
-import typing
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from elo_cpt import configparse
+from elo_cpt.configparse import apply_values, differences, flatten, nest, parse_overrides  # noqa: F401 (the API)
 from elo_cpt.errors import EloError
 
 #: `stage1.bridge_tokens: auto`: enough calibration tokens for the model's width (see `bridge_token_count`).
@@ -111,6 +110,38 @@ class AlignConfig(TrainConfig):
 
 
 @dataclass
+class ChatConfig:
+    """Stage 3's chat vector: chat.instruct - chat.base added to the aligned model, when both are given."""
+
+    base: str | None = None
+    """The official base model the Instruct model was tuned from (folder or hub id)."""
+    instruct: str | None = None
+    """The official Instruct model (folder or hub id)."""
+    scale: float = 1.0
+    """Multiplies the chat vector."""
+    skip: list[str] = field(default_factory=list)
+    """Tensors kept as the aligned model's: embeddings and/or head (for an extended vocabulary; docs/stage3.md)."""
+    template: str | None = None
+    """Jinja chat template file used for stage 3 and the chat evaluation when the model's tokenizer has none (e.g.
+    the Instruct model's chat_template.jinja); the stage-3 model keeps it."""
+
+
+@dataclass
+class SftConfig(TrainConfig):
+    """Stage 3's supervised fine-tuning on conversations, after the chat vector (or the alignment)."""
+
+    data: list[str] = field(default_factory=list)
+    """Conversation sources, SOURCE[#FIELD][@WEIGHT] as for `elo sft` (target language and English 1:1 in the paper);
+    `demo` is the embedded demo's German and English training conversations. Empty: no SFT."""
+    tokens: int | None = None
+    """Tokens of the conversations trained (padding not counted); None: every conversation once (weights ignored)."""
+    lr: float = 2e-5
+    """Peak learning rate."""
+    method: str = "fft"
+    """fft (every parameter) or lora (adapters merged into the weights at the end)."""
+
+
+@dataclass
 class DataConfig:
     """Where the text comes from. Empty lists use the embedded default (German target, English replay)."""
 
@@ -149,7 +180,17 @@ class EvalConfig:
     sample_tokens: int = 40
     """New tokens generated greedily per sample prompt for base, merged and final; 0 turns samples off."""
     english_tolerance_pct: float = 1.0
-    """The report flags English bits/char of the final model worse than the base's by more than this many percent."""
+    """The report flags English bits/char (of held-out text, and of chat answers) of the final and stage-3 models worse
+    than the base's by more than this many percent."""
+    chat: dict[str, str] = field(default_factory=dict)
+    """Held-out conversations per language for answer bits/char through the chat template (docs/stage3.md), e.g.
+    {de: chats_de.jsonl, en: chats_en.jsonl}; the embedded default run uses its demo's held-out conversations."""
+    chat_prompts: dict[str, list[str]] = field(default_factory=dict)
+    """Prompts per language answered greedily through the chat template; de and en have built-in prompts."""
+    chat_tokens: int = 48
+    """New tokens per chat answer (it stops earlier at the end-of-turn token); 0 turns chat answers off."""
+    chat_template_tasks: bool = False
+    """Run eval.tasks through the chat template (lm-eval's apply_chat_template, few-shot examples as turns)."""
 
 
 @dataclass
@@ -173,6 +214,10 @@ class RunConfig:
     """ELO stage-1 settings."""
     align: AlignConfig = field(default_factory=AlignConfig)
     """Alignment settings."""
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    """Stage 3's chat vector (off unless chat.base and chat.instruct are given)."""
+    sft: SftConfig = field(default_factory=SftConfig)
+    """Stage 3's supervised fine-tuning (off unless sft.data is given)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation settings."""
     control: bool = False
@@ -185,117 +230,18 @@ class RunConfig:
     the base model (model/) instead of two or three. A run evaluated again cannot re-evaluate a deleted model."""
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass and its bases (the string literal under each field)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        body = ast.parse(inspect.getsource(klass)).body[0].body
-        for stmt, nxt in zip(body, body[1:]):
-            if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[stmt.target.id] = str(nxt.value.value)
-    return docs
-
-
 def describe(config: object | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, value, docstring) for every setting of `config` (default: the defaults), for help output."""
-    config = RunConfig() if config is None else config
-    rows = []
-    docs = _field_docs(type(config))
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
-            rows.extend(describe(value, f"{prefix}{f.name}."))
-        else:
-            rows.append((f"{prefix}{f.name}", repr(value), docs.get(f.name, "")))
-    return rows
-
-
-def _coerce(value: object, annotation: object, key: str) -> object:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        members = [a for a in args if a is not type(None)]
-        for arg in members:  # the first member that takes the value
-            try:
-                return _coerce(value, arg, key)
-            except EloError:
-                pass
-        names = " or ".join(getattr(a, "__name__", str(a)) for a in members)
-        raise EloError(f"config key {key!r} expects {names}, got {value!r}")
-    if annotation is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-        # YAML reads `1e-5` (no dot) as a string.
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if origin is list:
-        value = [value] if isinstance(value, str) else value
-        if isinstance(value, list):
-            return [_coerce(v, args[0], key) for v in value]
-    if origin is dict and isinstance(value, dict):
-        return {str(k): _coerce(v, args[1], key) for k, v in value.items()}
-    expected = origin or annotation
-    if isinstance(expected, type) and isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
-        return value
-    raise EloError(f"config key {key!r} expects {getattr(annotation, '__name__', annotation)}, got {value!r}")
-
-
-def _apply(obj: object, values: dict, prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for name, value in values.items():
-        key = f"{prefix}{name}"
-        if name not in names:
-            known = ", ".join(sorted(f"{prefix}{n}" for n in names))
-            raise EloError(f"unknown config key {key!r}; known keys here: {known}")
-        current = getattr(obj, name)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise EloError(f"config key {key!r} is a section; set its fields, e.g. {key}.lr=1e-5")
-            _apply(current, value, f"{key}.")
-        else:
-            setattr(obj, name, _coerce(value, hints[name], key))
-
-
-def nest(flat: dict) -> dict:
-    """Turn dotted keys (`stage1.lr: 1e-5`) into nested sections; nested values pass through."""
-    nested: dict = {}
-    for key, value in flat.items():
-        node = nested
-        parts = str(key).split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-            node[parts[-1]].update(value)
-        else:
-            node[parts[-1]] = value
-    return nested
+    return configparse.describe(RunConfig() if config is None else config, prefix)
 
 
 def from_dict(*layers: dict) -> RunConfig:
     """A validated RunConfig from nested (or dotted) value dicts applied in order over the defaults."""
     config = RunConfig()
     for values in layers:
-        _apply(config, nest(values or {}))
+        apply_values(config, nest(values or {}))
     validate(config)
     return config
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """Turn `a.b=value` strings into a nested dict (through `nest`), values parsed as YAML scalars/lists."""
-    flat: dict = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise EloError(f"bad override {pair!r}; write key=value, e.g. stage1.lr=1e-5")
-        flat[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-    return nest(flat)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -311,8 +257,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise EloError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(values, dict):
             raise EloError(f"config file {path} must be a mapping of keys to values")
-        _apply(config, values)
-    _apply(config, parse_overrides(overrides or []))
+        apply_values(config, values)
+    apply_values(config, parse_overrides(overrides or []))
     validate(config)
     return config
 
@@ -373,7 +319,19 @@ def validate(config: RunConfig) -> None:
         (config.stage1.bridge_tokens == AUTO or (isinstance(config.stage1.bridge_tokens, int) and config.stage1.bridge_tokens >= 0),
          f"stage1.bridge_tokens must be a token count >= 0 (0 turns bridges off) or {AUTO}, not {config.stage1.bridge_tokens!r}"),
     ]
+    chat = config.chat
+    checks += [
+        (bool(chat.base) == bool(chat.instruct), f"chat.{'base' if chat.base else 'instruct'} is set without "
+         f"chat.{'instruct' if chat.base else 'base'}; the chat vector is instruct - base, so give both or neither"),
+        (math.isfinite(chat.scale), f"chat.scale must be a finite number, not {chat.scale}"),
+        (set(chat.skip) <= {"embeddings", "head"}, f"chat.skip takes embeddings and/or head, not {chat.skip}"),
+        (config.sft.method in ("fft", "lora"), f"sft.method must be fft or lora, not {config.sft.method!r}"),
+        (config.eval.chat_tokens >= 0, "eval.chat_tokens must be >= 0 (0 turns chat answers off)"),
+        (not config.eval.chat_template_tasks or config.eval.tasks, "eval.chat_template_tasks=true runs eval.tasks "
+         "through the chat template, but eval.tasks is empty; name tasks, or leave it false"),
+    ]
     checks += train_checks(config.stage1, "stage1.") + train_checks(config.align, "align.", min_tokens=0)  # 0: no alignment
+    checks += train_checks(config.sft, "sft.")
     for ok, message in checks:
         if not ok:
             raise EloError(message)
@@ -381,24 +339,6 @@ def validate(config: RunConfig) -> None:
 
 def to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
-
-
-def flatten(values: dict) -> dict:
-    """A config dict with its sections as dotted keys, one level deep ({"stage1": {"lr": 1e-5}} -> {"stage1.lr": 1e-5});
-    settings whose values are dicts (data.eval) stay whole."""
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
-
-
-def differences(old: dict, new: dict) -> list[str]:
-    """`key: old -> new` for every setting two (nested) config dicts disagree on, in key order."""
-    a, b = flatten(old), flatten(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def bridge_token_count(setting: int | str, hidden_size: int) -> int:
