@@ -12,10 +12,10 @@ import elo_cpt
 PACKAGE = Path(elo_cpt.__file__).parent
 LEVELS = {
     0: {"errors", "config", "configparse", "checkpoint", "costmodel", "demo", "report", "report_figures",
-        "study_report", "samples", "precision", "hub", "distributed", "modelcard", "findings", "files"},
+        "study_report", "samples", "precision", "hub", "distributed", "modelcard", "findings", "files", "report_chat"},
     1: {"corpus", "tokencache", "data", "surgery", "stageclock", "chatvector", "chatdata", "chattokens"},
     2: {"engine", "train", "evaluation", "lmeval", "chateval"},
-    3: {"pipeline", "pipeline_eval", "study", "bench"},
+    3: {"pipeline", "pipeline_eval", "pipeline_stage3", "study", "bench"},
     4: {"cli", "__init__", "__main__"},
 }
 LEVEL = {module: level for level, modules in LEVELS.items() for module in modules}

@@ -51,6 +51,7 @@ def answer_nll(model: PreTrainedModel, examples: list[tuple[np.ndarray, np.ndarr
     was_training = model.training
     model.eval()
     total = 0.0
+    examples = sorted(examples, key=lambda example: len(example[0]))  # batches of similar lengths: little padding
     try:
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
@@ -129,20 +130,27 @@ def stop_ids(model: PreTrainedModel, tokenizer) -> list[int]:
     return sorted({int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None})
 
 
-@torch.no_grad()
 def chat_answers(model: PreTrainedModel, tokenizer, prompts: list[str], max_new_tokens: int = 64,
                  template: str | None = None, system: str | None = None) -> list[str]:
     """Greedy answers to `prompts`, each asked as the only user message (after `system`, if given) through the chat
     template (`template`: Jinja text to use instead of the tokenizer's); generation stops at an end-of-turn token or
     after `max_new_tokens`. Greedy, one prompt at a time (no padding), so an answer is a property of the model,
     comparable before and after training."""
+    return [found["answer"] for found in chat_samples(model, tokenizer, prompts, max_new_tokens, template, system)]
+
+
+@torch.no_grad()
+def chat_samples(model: PreTrainedModel, tokenizer, prompts: list[str], max_new_tokens: int = 64,
+                 template: str | None = None, system: str | None = None) -> list[dict]:
+    """`chat_answers` with what each answer took: [{prompt, answer, new_tokens, ended}], `ended` true when the model
+    stopped at an end-of-turn token rather than at `max_new_tokens`."""
     encoder = chattokens.ChatEncoder(tokenizer, getattr(model, "name_or_path", "") or "the model", template)
     device = next(model.parameters()).device
     stops = stop_ids(model, tokenizer)
     pad = chattokens.pad_id(tokenizer)
     was_training = model.training
     model.eval()
-    answers = []
+    found = []
     try:
         for number, prompt in enumerate(prompts, 1):
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -151,7 +159,9 @@ def chat_answers(model: PreTrainedModel, tokenizer, prompts: list[str], max_new_
             output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                     do_sample=False, eos_token_id=stops or None, pad_token_id=pad,
                                     temperature=None, top_p=None, top_k=None)
-            answers.append(tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip())
+            new = output[0, ids.shape[1] :]
+            found.append({"prompt": prompt, "answer": tokenizer.decode(new, skip_special_tokens=True).strip(),
+                          "new_tokens": len(new), "ended": bool(len(new) and int(new[-1]) in stops)})
     finally:
         model.train(was_training)
-    return answers
+    return found

@@ -56,23 +56,11 @@ def chat_vector(target: str | Path, base: str | Path, instruct: str | Path, out:
     the first tensor that differs and nothing is written. `chat_vector.json` in `out` records the three models
     (path, hub origin, content digest), the scale, the skipped tensors and any vocabulary difference.
     """
-    skipped_parts = _parse_skip(skip)
     if not math.isfinite(float(scale)):
         raise EloError(f"--scale must be a finite number, not {scale}")
     scale = float(scale)
-    dirs = {role: checkpoint.require_model_dir(spec) for role, spec in (("target", target), ("base", base), ("instruct", instruct))}
-    configs = {role: json.loads((path / "config.json").read_text()) for role, path in dirs.items()}
-    types = {role: config.get("model_type") for role, config in configs.items()}
-    if len(set(types.values())) > 1:
-        raise EloError(f"the models are of different architectures (target {types['target']}, base {types['base']}, "
-                       f"instruct {types['instruct']}); the chat vector needs one architecture")
-    headers = {role: _header(path) for role, path in dirs.items()}
-    embeddings, heads = vocabulary_tensors(dirs["target"], set(headers["target"]))
+    skipped_parts, dirs, headers, embeddings, heads = _inputs(target, base, instruct, skip)
     vocab = set(embeddings) | set(heads)
-    _check_match(headers, dirs, vocab)
-    if skipped_parts and not embeddings:
-        raise EloError(f"cannot find the token embedding among the tensors of {dirs['target']}, so --skip cannot keep it; "
-                       "run without --skip")
     tied = not heads  # no head tensor in the file: the embedding is the head too
     skip_names = set(embeddings) if ("embeddings" in skipped_parts or (tied and "head" in skipped_parts)) else set()
     skip_names |= set(heads) if "head" in skipped_parts else set()
@@ -119,6 +107,32 @@ def chat_vector(target: str | Path, base: str | Path, instruct: str | Path, out:
         print("warning: base and instruct hold the same weights: the chat vector is zero and the output is the target",
               file=sys.stderr)
     return Path(out)
+
+
+def check_compatible(target: str | Path, base: str | Path, instruct: str | Path, skip: str | Iterable[str] = ()) -> None:
+    """Refuse, with `chat_vector`'s one-line errors, three models whose chat vector cannot be added (another
+    architecture, a tensor missing or of another shape, a `skip` that cannot apply), from their configs and safetensors
+    headers alone: `elo run` checks this before it trains anything."""
+    _inputs(target, base, instruct, skip)
+
+
+def _inputs(target: str | Path, base: str | Path, instruct: str | Path, skip: str | Iterable[str]):
+    """The parts to skip, the three model folders, their tensor headers, and the target's embedding and head tensor
+    names, once every check has passed."""
+    skipped_parts = _parse_skip(skip)
+    dirs = {role: checkpoint.require_model_dir(spec) for role, spec in (("target", target), ("base", base), ("instruct", instruct))}
+    configs = {role: json.loads((path / "config.json").read_text()) for role, path in dirs.items()}
+    types = {role: config.get("model_type") for role, config in configs.items()}
+    if len(set(types.values())) > 1:
+        raise EloError(f"the models are of different architectures (target {types['target']}, base {types['base']}, "
+                       f"instruct {types['instruct']}); the chat vector needs one architecture")
+    headers = {role: _header(path) for role, path in dirs.items()}
+    embeddings, heads = vocabulary_tensors(dirs["target"], set(headers["target"]))
+    _check_match(headers, dirs, set(embeddings) | set(heads))
+    if skipped_parts and not embeddings:
+        raise EloError(f"cannot find the token embedding among the tensors of {dirs['target']}, so --skip cannot keep it; "
+                       "run without --skip")
+    return skipped_parts, dirs, headers, embeddings, heads
 
 
 def _parse_skip(skip: str | Iterable[str]) -> set[str]:

@@ -111,7 +111,8 @@ class AlignConfig(TrainConfig):
 
 @dataclass
 class ChatConfig:
-    """Stage 3's chat vector: chat.instruct - chat.base added to the aligned model, when both are given."""
+    """Stage 3's chat vector (chat.instruct - chat.base added to the aligned model, when both are given), and what
+    every conversation of the run is rendered with."""
 
     base: str | None = None
     """The official base model the Instruct model was tuned from (folder or hub id)."""
@@ -124,6 +125,9 @@ class ChatConfig:
     template: str | None = None
     """Jinja chat template file used for stage 3 and the chat evaluation when the model's tokenizer has none (e.g.
     the Instruct model's chat_template.jinja); the stage-3 model keeps it."""
+    seq_len: int | None = None
+    """Longest conversation in tokens that SFT trains on and the chat evaluation scores (longer ones are skipped and
+    counted); None: seq_len."""
 
 
 @dataclass
@@ -324,6 +328,7 @@ def validate(config: RunConfig) -> None:
         (bool(chat.base) == bool(chat.instruct), f"chat.{'base' if chat.base else 'instruct'} is set without "
          f"chat.{'instruct' if chat.base else 'base'}; the chat vector is instruct - base, so give both or neither"),
         (math.isfinite(chat.scale), f"chat.scale must be a finite number, not {chat.scale}"),
+        (chat.seq_len is None or chat.seq_len >= 8, "chat.seq_len must be at least 8 tokens (or unset: seq_len)"),
         (set(chat.skip) <= {"embeddings", "head"}, f"chat.skip takes embeddings and/or head, not {chat.skip}"),
         (config.sft.method in ("fft", "lora"), f"sft.method must be fft or lora, not {config.sft.method!r}"),
         (config.eval.chat_tokens >= 0, "eval.chat_tokens must be >= 0 (0 turns chat answers off)"),

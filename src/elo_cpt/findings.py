@@ -14,13 +14,17 @@ MODEL_LABELS = {
     "merged": "ELO stage 1, merged (before alignment)",
     "final": "ELO final (after alignment)",
     "control": "control: alignment only (no stage 1)",
+    "chat_vector": "stage 3: final + chat vector (before SFT)",
+    "chat_model": "stage 3: chat model",
 }
 #: The models the pipeline itself evaluates; every other model under `eval` is a reference run (a baseline).
-OWN_MODELS = ("base", "merged", "final", "control")
+OWN_MODELS = ("base", "merged", "final", "control", "chat_vector", "chat_model")
+#: The models whose chat answers are checked against the base's (`chat_forgetting`): what a run delivers.
+CHECKED_CHAT_MODELS = ("final", "chat_model")
 STAGE_LABELS = {"detach": "detach", "stage1": "ELO stage 1", "merge": "merge", "align": "alignment",
-                "control": "control: alignment only"}
+                "control": "control: alignment only", "chat_vector": "stage 3: chat vector", "sft": "stage 3: SFT"}
 #: What each training stage trains, for the cost table: a shallow model's loss is not the full model's.
-TRAINED_MODELS = {"stage1": "shallow model", "align": "full model", "control": "full model"}
+TRAINED_MODELS = {"stage1": "shallow model", "align": "full model", "control": "full model", "sft": "full model (chat)"}
 LANGUAGES = {"de": "German", "en": "English", "fr": "French", "es": "Spanish", "it": "Italian", "ko": "Korean",
              "ja": "Japanese", "zh": "Chinese", "ar": "Arabic", "hi": "Hindi", "ru": "Russian", "pt": "Portuguese"}
 DEFAULT_TOLERANCE_PCT = 1.0
@@ -83,6 +87,38 @@ def forgetting(metrics: dict) -> list[dict]:
                 "flag": flag,
                 "message": (f"forgetting: {language(lang)} bits/char of the final model is {pct:.1f}% worse than the "
                             f"{label(reference)}'s ({before:.4f} -> {after:.4f}; tolerance {tolerance:g}%)") if flag else "",
+            })
+    return rows
+
+
+def chat_forgetting(metrics: dict) -> list[dict]:
+    """Per language, the final and the stage-3 model's change in answer bits/char against the base model's (held-out
+    conversations through the chat template, `metrics["chat"]["answer_bits_per_char"]`; lower is better).
+
+    Flagged, as `forgetting` flags raw text, when a language other than the target one got worse than the base's by
+    more than `eval.english_tolerance_pct` percent.
+    """
+    scores = (metrics.get("chat") or {}).get("answer_bits_per_char") or {}
+    base = scores.get("base")
+    if not base:
+        return []
+    tolerance = tolerance_pct(metrics)
+    target = metrics.get("config", {}).get("target_language")
+    rows = []
+    for name in CHECKED_CHAT_MODELS:
+        for lang, result in (scores.get(name) or {}).items():
+            before = (base.get(lang) or {}).get("answer_bits_per_char")
+            if before is None:
+                continue
+            after = result["answer_bits_per_char"]
+            pct = 100 * (after - before) / before if before else math.nan
+            flag = lang != target and pct > tolerance
+            rows.append({
+                "language": lang, "model": name, "before": before, "after": after, "change": after - before,
+                "change_pct": pct, "flag": flag,
+                "verdict": "worse" if after > before else "better" if after < before else "unchanged",
+                "message": (f"chat answers: {language(lang)} answer bits/char of the {label(name)} is {pct:.1f}% worse "
+                            f"than the base model's ({before:.4f} -> {after:.4f}; tolerance {tolerance:g}%)") if flag else "",
             })
     return rows
 

@@ -112,8 +112,11 @@ def run_lm_eval(
     batch_size: int = 8,
     num_fewshot: int | None = None,
     log_samples: bool = False,
+    chat_template: bool = False,
 ) -> dict:
-    """lm-eval's own result dictionary for an in-memory model (with per-sample records if `log_samples`)."""
+    """lm-eval's own result dictionary for an in-memory model (with per-sample records if `log_samples`); with
+    `chat_template`, each request goes through the tokenizer's chat template, few-shot examples as earlier turns
+    (lm-eval's apply_chat_template and fewshot_as_multiturn)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -123,7 +126,8 @@ def run_lm_eval(
         with _quiet("lm_eval.models.huggingface"):
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, trust_remote_code=False)
         return simple_evaluate(lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                               log_samples=log_samples)
+                               log_samples=log_samples, apply_chat_template=chat_template,
+                               fewshot_as_multiturn=chat_template)
     except (FileNotFoundError, ConnectionError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise EloError(

@@ -6,8 +6,11 @@
     OUT/stages/merged/       the base model with the trained layers written back
     OUT/stages/align/        the alignment's training stats, loss plot and TensorBoard logs
     OUT/model/               the final, aligned model: a standard Hugging Face folder
-    OUT/eval/                bits/char per language, generation samples and lm-eval scores of the base, merged and
-                             final models (one JSON file each, so a resumed run skips what it has)
+    OUT/chat_model/          stage 3 (optional, off by default): the chat vector and/or SFT on conversations
+                             (pipeline_stage3), with OUT/stages/chat_vector/ and OUT/stages/sft/
+    OUT/eval/                bits/char per language, generation samples, answer bits/char and chat answers through
+                             the chat template, and lm-eval scores of the base, merged, final and stage-3 models (one
+                             JSON file each, so a resumed run skips what it has)
     OUT/timings.json         wall-clock seconds per step, added up over the invocations that ran it
     OUT/metrics.json         all of the above in one file: bits/char per model, time and tokens per stage
     OUT/report.html, .md     the run report: gain, forgetting, cost, loss curves, samples, config (see report.py)
@@ -33,8 +36,9 @@ import yaml
 from transformers import AutoConfig
 
 from elo_cpt import checkpoint, config as config_mod, corpus, data, distributed, evaluation, files, report, surgery, train
+from elo_cpt import pipeline_stage3 as stage3
 from elo_cpt.config import RunConfig
-from elo_cpt.demo import assets
+from elo_cpt.demo import assets, chats
 from elo_cpt.pipeline_eval import check_eval_settings, finish_run, print_report
 from elo_cpt.stageclock import Timings
 from elo_cpt.errors import EloError
@@ -42,17 +46,37 @@ from elo_cpt.errors import EloError
 
 #: Stage-1 tokens of the embedded demo when stage1.tokens is unset (the default run's budget; docs/results.md).
 DEMO_STAGE1_TOKENS = 160_000
-#: Settings a finished run can change without retraining: eval.* (evaluated again), control (trained alone) and
-#: keep_intermediate (the intermediate weights deleted).
-ADDITIVE_SETTINGS = ("eval.", "control:", "keep_intermediate:")
+#: Settings a finished run can change without retraining stages 1 and 2: eval.* (evaluated again), control (trained
+#: alone), keep_intermediate (the intermediate weights deleted), and stage 3's chat. and sft. (stage 3 redone).
+ADDITIVE_SETTINGS = ("eval.", "control:", "keep_intermediate:", *stage3.STAGE3_SETTINGS)
 
 
 log = logging.getLogger(__name__).info  # shown by the `elo` command (distributed.setup_logging)
 
 
 def resolve_defaults(cfg: RunConfig, out: Path | None = None) -> RunConfig:
-    """Fill what the user left empty: the embedded default (SmolLM2, German target, English replay) and, with the
-    user's own corpora, a stage-1 budget of one pass over them (the one recorded in `out`, when resuming there)."""
+    """Fill what the user left empty: the embedded default (SmolLM2, German target, English replay, and its held-out
+    conversations for the chat evaluation) and, with the user's own corpora, a stage-1 budget of one pass over them
+    (the one recorded in `out`, when resuming there); `sft.data`'s `demo` becomes the demo's training conversations."""
+    return with_demo_chats(resolve_data(cfg, out), embedded=not cfg.data.target)
+
+
+def with_demo_chats(cfg: RunConfig, embedded: bool) -> RunConfig:
+    """`cfg` with `demo` in sft.data replaced by the demo's German and English training conversations and, on the
+    embedded corpora with no eval.chat and a model that has a chat template, the demo's held-out conversations (the
+    languages of the run among German and English) as eval.chat."""
+    held_out = embedded and not cfg.eval.chat and stage3.has_chat_template(cfg)
+    if stage3.DEMO not in cfg.sft.data and not held_out:
+        return cfg
+    found = chats.prepare_chats()
+    sft_data = [part for spec in cfg.sft.data for part in
+                ([str(found.train_de), str(found.train_en)] if spec == stage3.DEMO else [spec])]
+    chat = {lang: str(found.path("eval", lang)) for lang in dict.fromkeys([cfg.target_language, "en"]) if lang in ("de", "en")}
+    return replace(cfg, sft=replace(cfg.sft, data=sft_data), eval=replace(cfg.eval, chat=chat) if held_out else cfg.eval)
+
+
+def resolve_data(cfg: RunConfig, out: Path | None = None) -> RunConfig:
+    """The model and corpora of `cfg`, the embedded ones where it names none, and the stage-1 budget."""
     if cfg.data.target and not cfg.data.eval:
         raise EloError("data.eval is empty; give held-out text per language, e.g. data.eval={ko: held_out_ko.txt, en: held_out_en.txt}")
     if cfg.data.target and not cfg.data.english and cfg.data.english_share > 0:
@@ -221,6 +245,7 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
             align_cfg = replace(cfg.align, tokens=data_summary["align"]["tokens"])
             train.finetune(cfg.model, [str(data_dir / "align.jsonl")], control, align_cfg, cfg.seq_len, cfg.seed,
                            method=cfg.align.method, layers=cfg.layers)
+    stage3.run_stage3(cfg, out, timings)
     return distributed.main_only(finish_run, cfg, out, resolved, data_summary, timings, checked.get("tasks"), started)
 
 
@@ -237,12 +262,15 @@ def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dic
             log(f"updating {out}: {'; '.join(changes)}")
             if any(change.startswith("eval.") for change in changes):
                 shutil.rmtree(out / "eval", ignore_errors=True)
+            if any(change.startswith(stage3.STAGE3_SETTINGS) for change in changes):
+                stage3.forget(out)  # stage 3 is redone with the new settings
             shutil.rmtree(out / report.FILES_DIR, ignore_errors=True)
             for stale in (metrics_path, out / report.HTML_FILE, out / report.MD_FILE):
                 stale.unlink(missing_ok=True)
         elif changes:
             raise EloError(f"{out} holds a run with another configuration ({'; '.join(changes)}); choose another --out "
-                           "or delete it (eval. settings, control and keep_intermediate alone can change: the run is then updated)")
+                           "or delete it (eval., chat. and sft. settings, control and keep_intermediate alone can change: "
+                           "the run is then updated)")
         if metrics_path.is_file():
             log(f"{out} is already complete")
             metrics = json.loads(metrics_path.read_text())
@@ -259,6 +287,7 @@ def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dic
     checkpoint.load_tokenizer(cfg.model)  # a model folder without a tokenizer fails here, not after the data is built
     # the merged and the final model are full copies of the base (the shallow ones and the data are far smaller)
     copies = sum(not (out / part).is_dir() for part in ("stages/merged", "model"))
+    copies += sum(not folder.is_dir() for folder in stage3.model_dirs(cfg, out))
     checkpoint.check_output(out, needed_bytes=copies * checkpoint.folder_bytes(model_dir))
     surgery.resolve_layers(cfg.layers, n_layers)
     if cfg.stage1.frozen_layers:
@@ -266,6 +295,7 @@ def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dic
     for path in cfg.data.eval.values():
         evaluation.read_eval_text(path)
     checked["tasks"] = check_eval_settings(cfg)
+    stage3.check_stage3(cfg)
     data_dir = out / "data"
     if not (data_dir / "summary.json").is_file():
         log("[1/6] preparing the stage-1 and alignment mixtures")

@@ -8,8 +8,8 @@ the cost table and its own loss curves.
 
 The figures are drawn in report_figures.py and the page templates are package data (templates/report.*.j2).
 
-A leaf module: it reads the metrics dictionary the pipeline writes, and imports nothing else of elo_cpt but errors and
-report_figures.
+A leaf module: it reads the metrics dictionary the pipeline writes, and imports nothing else of elo_cpt but errors,
+files, findings, report_chat (the chat section) and report_figures.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import yaml
 
 from elo_cpt.errors import EloError
 from elo_cpt.files import write_bytes, write_text
-from elo_cpt.findings import (LANGUAGES, STAGE_LABELS, environment_line, explanations, forgetting, label, language,
-                               references, resumes, tolerance_pct, training_records, training_rows)
+from elo_cpt.findings import (LANGUAGES, STAGE_LABELS, chat_forgetting, environment_line, explanations, forgetting, label,
+                               language, references, resumes, tolerance_pct, training_records, training_rows)
+from elo_cpt.report_chat import chat_cards, chat_content, chat_summary
 from elo_cpt.report_figures import plot_bits_per_char, plot_cost, plot_losses
 
 HTML_FILE, MD_FILE, FILES_DIR = "report.html", "report.md", "report_files"
@@ -57,9 +58,11 @@ def summary(metrics: dict) -> str:
     steps = cost_table(metrics)
     cost = _table(steps["header"], [[cell["text"] for cell in row["cells"]] for row in steps["rows"]
                                     if row["cells"][0]["cls"] != "strong"])  # the total has its own line
-    warnings = [f"\nwarning: {row['message']}" for row in forgetting(metrics) if row["flag"]]
+    chat_rows = chat_summary(metrics)
+    chat = f"\n\n{_table(chat_rows[0], chat_rows[1:])}" if chat_rows else ""
+    warnings = [f"\nwarning: {row['message']}" for row in [*forgetting(metrics), *chat_forgetting(metrics)] if row["flag"]]
     notes = "".join(f"\nnote: {note}" for note in explanations(metrics))
-    return f"{quality}\n{notes}\n\n{cost}\n\n{total_line(metrics)}" + "".join(warnings)
+    return f"{quality}\n{notes}{chat}\n\n{cost}\n\n{total_line(metrics)}" + "".join(warnings)
 
 
 def total_line(metrics: dict) -> str:
@@ -106,6 +109,7 @@ def headline(metrics: dict) -> list[dict]:
             "detail": f"{row['before']:.4f} → {row['after']:.4f} ({label(reference)} → final)",
             "status": "bad" if worse else "good" if row["change"] < 0 else "neutral",
         })
+    items += chat_cards(metrics)
     if "total_seconds" in metrics:
         trained = sum((stage.get("training") or {}).get("tokens", 0) for stage in metrics.get("stages", {}).values())
         resumed = sum(resumes(metrics).values())
@@ -272,7 +276,7 @@ def build_content(metrics: dict, run_dir: Path) -> dict:
         "target": language(config.get("target_language", "?")),
         "layers": config.get("layers", "?"),
         "headline": headline(metrics),
-        "warnings": [r["message"] for r in forgetting(metrics) if r["flag"]],
+        "warnings": [r["message"] for r in [*forgetting(metrics), *chat_forgetting(metrics)] if r["flag"]],
         "explanations": explanations(metrics),
         "environment": environment_line(metrics),
         "tolerance": tolerance_pct(metrics),
@@ -284,6 +288,7 @@ def build_content(metrics: dict, run_dir: Path) -> dict:
         "lm_eval": lm_main,
         "lm_eval_full": lm_full,
         "samples": sample_groups(metrics),
+        "chat": chat_content(metrics),
         "config_yaml": yaml.safe_dump(config, sort_keys=False, allow_unicode=True).rstrip(),
         "figures": figures,
     }

@@ -24,11 +24,27 @@ DEFAULT_PROMPTS: dict[str, list[str]] = {
 }
 
 
-def prompts_for(languages: list[str], configured: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
-    """Prompts for `languages` and every configured language: the configured ones, else the built-in ones;
-    languages with neither are left out."""
-    configured = configured or {}
-    found = {lang: configured.get(lang, DEFAULT_PROMPTS.get(lang, [])) for lang in dict.fromkeys([*languages, *configured])}
+#: Built-in chat prompts, asked through the chat template (`eval.chat_prompts`): a fact, a how-to, a short text.
+DEFAULT_CHAT_PROMPTS: dict[str, list[str]] = {
+    "de": [
+        "Wie heißt die Hauptstadt von Frankreich?",
+        "Wie lösche ich eine Datei?",
+        "Schreibe einen Satz über den Winter in den Bergen.",
+    ],
+    "en": [
+        "What is the capital of France?",
+        "How do I delete a file?",
+        "Write one sentence about winter in the mountains.",
+    ],
+}
+
+
+def prompts_for(languages: list[str], configured: dict[str, list[str]] | None = None,
+                defaults: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """Prompts for `languages` and every configured language: the configured ones, else the built-in ones (`defaults`,
+    by default DEFAULT_PROMPTS); languages with neither are left out."""
+    configured, defaults = configured or {}, DEFAULT_PROMPTS if defaults is None else defaults
+    found = {lang: configured.get(lang, defaults.get(lang, [])) for lang in dict.fromkeys([*languages, *configured])}
     return {lang: prompts for lang, prompts in found.items() if prompts}
 
 
