@@ -130,3 +130,19 @@ def test_compact_results_keeps_numbers_and_filters():
     assert compact["gen"]["stderr"] == {"exact_match,strict-match": 0.1}
     assert compact["gen"]["samples"] == 4 and compact["gen"]["version"] == 2.0
     assert lmeval.parse_tasks("a, b,,a") == ["a", "b"]
+
+
+def test_tasks_through_the_chat_template(tmp_path, offline):
+    """With chat_template, each request is rendered by the tokenizer's chat template, ending in the assistant's turn."""
+    from test_sft import chat_model
+
+    folder = chat_model(tmp_path / "chat")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    manager = lmeval.task_manager([TASK], TASKS)
+    contexts = {}
+    for chat in (False, True):
+        raw = lmeval.run_lm_eval(model, tokenizer, [TASK], manager, log_samples=True, chat_template=chat)
+        contexts[chat] = [arguments[0] for record in raw["samples"][TASK] for arguments in record["arguments"]]
+    assert len(contexts[True]) == len(contexts[False]) > 0
+    assert all(c.startswith("<|im_start|>user\nFrage/Question:") and c.endswith("<|im_start|>assistant\n") for c in contexts[True])
+    assert not any("<|im_start|>" in c for c in contexts[False])

@@ -6,6 +6,7 @@ report's chat section on synthetic metrics, the model card, and the demo convers
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from elo_cpt import config, findings, modelcard, pipeline, report, report_chat, 
 from elo_cpt.demo import chats as demo_chats
 from elo_cpt.errors import EloError
 
+ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT = f"eval.chat={{de: {CHATS / 'de_eval.jsonl'}, en: {CHATS / 'en_eval.json'}}}"
 SFT_DATA = f"sft.data=[{CHATS / 'de_train.jsonl'}@1, {CHATS / 'en_train.json'}@1]"
 #: Stage 3 on the tiny models: conversations of up to 512 tokens (the fixture tokenizer's), short answers.
@@ -92,6 +94,8 @@ def test_stage_3_in_elo_run(trio, corpora, tmp_path, capsys):
 
 
 def test_an_interrupted_sft_resumes_and_the_chat_vector_alone_makes_the_chat_model(trio, corpora, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(ROOT)  # the local lm-eval task's data_files are relative to the repository
     base, instruct = trio
     cfg = tiny_run_config(base, corpora, SFT_DATA, *STAGE3, "align.token_ratio=0", "sft.save_steps=2", "eval.chat_tokens=0")
     run = tmp_path / "run"
@@ -117,8 +121,10 @@ def test_an_interrupted_sft_resumes_and_the_chat_vector_alone_makes_the_chat_mod
     template = tmp_path / "chatml.jinja"
     template.write_text(CHATML)
     alone = tiny_run_config(plain, corpora, f"chat.base={plain}", f"chat.instruct={save_tiny_model(tmp_path / 'other', seed=1)}",
-                            f"chat.template={template}", "align.token_ratio=0", *STAGE3)
+                            f"chat.template={template}", "align.token_ratio=0", *STAGE3, "eval.tasks=[elo_tiny_mc]",
+                            f"eval.include_path={ROOT / 'tests' / 'fixtures' / 'lmeval'}", "eval.chat_template_tasks=true")
     vector_only = pipeline.run(alone, tmp_path / "alone")
+    assert set(vector_only["lm_eval"]) == {"base", "final", "chat_model"}  # through chat.template: the tokenizer has none
     chat = tmp_path / "alone" / "chat_model"
     assert (chat / "chat_vector.json").is_file() and not (tmp_path / "alone" / "stages" / "chat_vector").exists()
     assert AutoTokenizer.from_pretrained(chat).chat_template == CHATML and (tmp_path / "alone" / "chat_model" / "README.md").is_file()
