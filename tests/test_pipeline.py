@@ -54,6 +54,10 @@ def test_pipeline_on_a_tiny_model(tiny_model, corpora, tmp_path, capsys):
     assert (run / "stages" / "align" / "loss.png").is_file() and (run / "stages" / "align" / "logs").is_dir()
     card = (run / "model" / "README.md").read_text()
     assert card.startswith("---\nlanguage:\n- de\n- en\n") and "| base model |" in card and "| ELO final (after alignment) |" in card
+    # a model without a chat template is evaluated on raw text only, and the report says why
+    assert metrics["chat"] == {"not_evaluated": f"{tiny_model} has no chat template, so no model was evaluated through one; "
+                                                "set chat.template=FILE (e.g. the Instruct model's chat_template.jinja) to evaluate them"}
+    assert f"{tiny_model} has no chat template" in (run / report.MD_FILE).read_text()
     # A rerun of a finished run is a no-op; another configuration in the same folder is refused.
     assert pipeline.run(cfg, run) == metrics
     with pytest.raises(EloError, match=r"another configuration \(layers: '0,-1' -> '0,1'\)"):

@@ -180,6 +180,13 @@ def test_bad_stage_3_input_fails_before_any_output(case, trio, corpora, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+def test_held_out_answers_also_trained_on_are_counted_in_a_warning(trio, corpora, capsys):
+    held_out = CHATS / "de_eval.jsonl"
+    cfg = tiny_run_config(trio[0], corpora, f"sft.data=[{held_out}, {CHATS / 'en_train.json'}]", f"eval.chat={{de: {held_out}}}")
+    pipeline.stage3.check_stage3(cfg)
+    assert f"warning: 10 of 10 held-out de answers of {held_out} are also in sft.data" in capsys.readouterr().err
+
+
 def chat_metrics(**answers: tuple[float, float]) -> dict:
     """A run's metrics with the given (German, English) answer bits/char per model, tolerance 1%."""
     return {"config": {"target_language": "de", "data": {"replay_language": "en"}, "eval": {"english_tolerance_pct": 1.0}},
@@ -284,7 +291,9 @@ def test_sft_data_demo_and_the_embedded_chat_evaluation_resolve_to_the_demo_file
     assert cfg.eval.chat == {"de": str(found.eval_de), "en": str(found.eval_en)}
     korean = pipeline.with_demo_chats(config.load_config(None, ["target_language=ko"]), embedded=True)
     assert korean.eval.chat == {"en": str(found.eval_en)} and korean.sft.data == []
-    own = config.load_config(None, ["eval.chat={de: mine.jsonl}"])
-    assert pipeline.with_demo_chats(own, embedded=True) == own and pipeline.with_demo_chats(config.load_config(), embedded=False).eval.chat == {}
+    for given in (["eval.chat={de: mine.jsonl}"], ["eval.chat={}"]):  # given, or turned off
+        own = config.load_config(None, given)
+        assert pipeline.with_demo_chats(own, embedded=True) == own
+    assert pipeline.with_demo_chats(config.load_config(), embedded=False).eval.chat is None  # own corpora: none
     monkeypatch.setattr(pipeline.stage3, "has_chat_template", lambda cfg: False)
-    assert pipeline.with_demo_chats(config.load_config(), embedded=True).eval.chat == {}
+    assert pipeline.with_demo_chats(config.load_config(), embedded=True).eval.chat is None

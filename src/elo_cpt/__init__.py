@@ -14,7 +14,7 @@ The Python API mirrors the `elo` command one to one:
     elo eval      -> evaluate(model, {lang: path}, ...), evaluate_chat(model, {lang: chats}, ...) and
                      evaluate_tasks(model, "task1,task2", ...); chat_answers(model, tokenizer, prompts) for samples
     elo report    -> write_report(run_dir)
-    elo assets    -> prepare_assets() / prepare_language(language)
+    elo assets    -> prepare_assets() / prepare_language(language) / prepare_chats() (the demo conversations)
     elo bench     -> bench(model_or_shape, methods, ...)
     elo study     -> study(study_file_or_name, out, cells=None, launch=None)
 """
@@ -27,6 +27,7 @@ from elo_cpt.errors import EloError
 _API = {
     "prepare_assets": ("elo_cpt.demo.assets", "prepare_assets"),
     "prepare_language": ("elo_cpt.demo.assets", "prepare_language"),
+    "prepare_chats": ("elo_cpt.demo.chats", "prepare_chats"),
     "describe_config": ("elo_cpt.config", "describe"),
     "load_config": ("elo_cpt.config", "load_config"),
     "evaluate": ("elo_cpt.evaluation", "evaluate"),

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write report.html and report.md for a finished run folder")
     rep.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of an `elo run`")
 
-    sub.add_parser("assets", help="prepare and cache the default model and corpora; print where they are").add_argument(
+    sub.add_parser("assets", help="prepare and cache the default model, corpora and demo conversations; print where they are").add_argument(
         "--language", default="de", help="target language of the corpora: de (default) or ko")
 
     bench = sub.add_parser("bench", help="tokens/s and peak memory per training step of each method, next to the cost model")
@@ -346,6 +346,12 @@ def dispatch(args: argparse.Namespace) -> None:
             paths = [found.root, found.model, lang.train, lang.train_english, lang.eval, lang.eval_english, lang.manifest]
         for name, path in zip(names, paths, strict=True):
             print(f"{name}\t{path}")
+        from elo_cpt.demo.chats import prepare_chats
+
+        found = prepare_chats()  # the demo conversations (German and English, whatever the target language)
+        for split in ("train", "eval"):
+            for lang in ("de", "en"):
+                print(f"chat_{split}_{lang}\t{found.path(split, lang)}")
 
 
 #: What to do about an OSError, by errno name.

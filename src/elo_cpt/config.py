@@ -186,9 +186,10 @@ class EvalConfig:
     english_tolerance_pct: float = 1.0
     """The report flags English bits/char (of held-out text, and of chat answers) of the final and stage-3 models worse
     than the base's by more than this many percent."""
-    chat: dict[str, str] = field(default_factory=dict)
+    chat: dict[str, str] | None = None
     """Held-out conversations per language for answer bits/char through the chat template (docs/stage3.md), e.g.
-    {de: chats_de.jsonl, en: chats_en.jsonl}; the embedded default run uses its demo's held-out conversations."""
+    {de: chats_de.jsonl, en: chats_en.jsonl}. Unset: the demo's held-out German and English ones on the embedded
+    corpora (with a model that has a chat template), none otherwise; {} for none."""
     chat_prompts: dict[str, list[str]] = field(default_factory=dict)
     """Prompts per language answered greedily through the chat template; de and en have built-in prompts."""
     chat_tokens: int = 48

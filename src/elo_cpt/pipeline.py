@@ -63,9 +63,9 @@ def resolve_defaults(cfg: RunConfig, out: Path | None = None) -> RunConfig:
 
 def with_demo_chats(cfg: RunConfig, embedded: bool) -> RunConfig:
     """`cfg` with `demo` in sft.data replaced by the demo's German and English training conversations and, on the
-    embedded corpora with no eval.chat and a model that has a chat template, the demo's held-out conversations (the
+    embedded corpora with eval.chat unset and a model that has a chat template, the demo's held-out conversations (the
     languages of the run among German and English) as eval.chat."""
-    held_out = embedded and not cfg.eval.chat and stage3.has_chat_template(cfg)
+    held_out = embedded and cfg.eval.chat is None and stage3.has_chat_template(cfg)
     if stage3.DEMO not in cfg.sft.data and not held_out:
         return cfg
     found = chats.prepare_chats()

@@ -114,19 +114,22 @@ def chat_settings(cfg: RunConfig) -> dict | None:
     """What the chat evaluation asks of each model: held-out conversations, prompts, answer length and the template
     (None: each tokenizer's own); None when the run's models have no chat template (`pipeline_stage3.check_stage3`
     has refused the run if a chat evaluation was asked for explicitly)."""
-    if not stage3.has_chat_template(cfg):
-        return None
-    languages = [cfg.target_language, *cfg.data.eval, *cfg.eval.chat]
+    languages = [cfg.target_language, *cfg.data.eval, *(cfg.eval.chat or {})]
     prompts = samples.prompts_for(languages, cfg.eval.chat_prompts, samples.DEFAULT_CHAT_PROMPTS) if cfg.eval.chat_tokens else {}
-    return {"conversations": cfg.eval.chat, "prompts": prompts, "template": stage3.template_text(cfg)}
+    if not (cfg.eval.chat or prompts) or not stage3.has_chat_template(cfg):
+        return None
+    return {"conversations": cfg.eval.chat or {}, "prompts": prompts, "template": stage3.template_text(cfg)}
 
 
 def chat_metrics(cfg: RunConfig, chat: dict | None, found: dict[str, dict | None]) -> dict:
     """metrics.json's `chat`: answer bits/char ({model: {lang: ...}}) and greedy answers ({model: {lang: [...]}})
     through the chat template, or why there are none."""
-    if chat is None:
+    if chat is None and not stage3.has_chat_template(cfg):
         return {"not_evaluated": f"{cfg.model} has no chat template, so no model was evaluated through one; set "
                                  "chat.template=FILE (e.g. the Instruct model's chat_template.jinja) to evaluate them"}
+    if chat is None:
+        return {"not_evaluated": "no held-out conversations (eval.chat) and no chat prompts for the run's languages "
+                                 "(eval.chat_prompts, eval.chat_tokens), so no model was evaluated through the chat template"}
     return {"template": cfg.chat.template or "each model's tokenizer",
             "answer_bits_per_char": {name: f["answer_bits_per_char"] for name, f in found.items() if f and f["answer_bits_per_char"]},
             "answers": {name: f["answers"] for name, f in found.items() if f and f["answers"]}}

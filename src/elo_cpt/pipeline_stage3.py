@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 from elo_cpt import chatdata, chattokens, chatvector, checkpoint, distributed, files, train
@@ -99,11 +100,11 @@ def check_stage3(cfg: RunConfig) -> None:
     for spec in cfg.sft.data:
         if not Source.parse(spec).hub:  # a hub dataset is streamed when SFT starts, not fetched twice
             trained.update(c.messages[i]["content"] for c in chatdata.iter_conversations(spec) for i in c.answers)
-    for lang, spec in cfg.eval.chat.items():
+    for lang, spec in (cfg.eval.chat or {}).items():
         held_out = [c.messages[i]["content"] for c in chatdata.iter_conversations(spec) for i in c.answers]
         if leaked := sum(answer in trained for answer in held_out):
-            log(f"warning: {leaked} of {len(held_out)} held-out {lang} answers of {spec} are also in sft.data: the "
-                "stage-3 model's answer bits/char on them are not held out")
+            print(f"warning: {leaked} of {len(held_out)} held-out {lang} answers of {spec} are also in sft.data: the "
+                  "stage-3 model's answer bits/char on them are not held out", file=sys.stderr)
 
 
 def run_stage3(cfg: RunConfig, out: Path, timings: Timings) -> None:

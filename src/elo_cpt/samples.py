@@ -24,18 +24,11 @@ DEFAULT_PROMPTS: dict[str, list[str]] = {
 }
 
 
-#: Built-in chat prompts, asked through the chat template (`eval.chat_prompts`): a fact, a how-to, a short text.
+#: Built-in chat prompts, asked through the chat template (`eval.chat_prompts`): a fact and a how-to (the demo
+#: conversations' domain), two per language to keep the default run's evaluation short (docs/evaluation.md).
 DEFAULT_CHAT_PROMPTS: dict[str, list[str]] = {
-    "de": [
-        "Wie heißt die Hauptstadt von Frankreich?",
-        "Wie lösche ich eine Datei?",
-        "Schreibe einen Satz über den Winter in den Bergen.",
-    ],
-    "en": [
-        "What is the capital of France?",
-        "How do I delete a file?",
-        "Write one sentence about winter in the mountains.",
-    ],
+    "de": ["Wie heißt die Hauptstadt von Frankreich?", "Wie lösche ich eine Datei?"],
+    "en": ["What is the capital of France?", "How do I delete a file?"],
 }
 
 
