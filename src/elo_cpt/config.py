@@ -140,7 +140,7 @@ class SftConfig(TrainConfig):
     tokens: int | None = None
     """Tokens of the conversations trained (padding not counted); None: every conversation once (weights ignored)."""
     lr: float = 2e-5
-    """Peak learning rate."""
+    """Peak learning rate (a usual rate for full SFT of chat models; `elo sft` keeps the training commands' 5e-5)."""
     method: str = "fft"
     """fft (every parameter) or lora (adapters merged into the weights at the end)."""
 
