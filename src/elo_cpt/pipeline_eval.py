@@ -74,7 +74,8 @@ def finish_run(cfg: RunConfig, out: Path, resolved: dict, data_summary: dict, ti
         "this_invocation_seconds": round(time.perf_counter() - started, 1),
     }
     metrics["forgetting"] = findings.forgetting(metrics)
-    metrics["chat"]["forgetting"] = findings.chat_forgetting(metrics)
+    if "not_evaluated" not in metrics["chat"]:
+        metrics["chat"]["forgetting"] = findings.chat_forgetting(metrics)
     files.write_text(model_dir / "README.md", modelcard.model_card(metrics))  # the model card, for sharing it
     if chat_model.is_dir():
         files.write_text(chat_model / "README.md", modelcard.chat_model_card(metrics))
