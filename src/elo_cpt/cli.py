@@ -69,6 +69,10 @@ def _add_training_options(parser: argparse.ArgumentParser, lr: float, data_help:
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0 turns clipping off (default 1.0)")
     parser.add_argument("--logging-steps", type=int, default=0, help="log the loss every N steps (default 0: about 20 times)")
+    parser.add_argument("--eval-text", action="append", default=[], metavar="LANG=PATH",
+                        help="held-out text whose loss is logged during training (with --eval-steps); repeat per language")
+    parser.add_argument("--eval-steps", type=int, default=0,
+                        help="log the loss on each --eval-text every N optimizer steps and at the end (default 0: off)")
     parser.add_argument("--report-to", default="tensorboard", metavar="A,B",
                         help="experiment trackers: tensorboard (default), wandb, mlflow, comet_ml, clearml, dvclive, neptune, or none")
 
@@ -205,8 +209,22 @@ def _train_config(args: argparse.Namespace):
                        save_steps=args.save_steps, optimizer=args.optimizer, precision=args.precision, loss_chunk=args.loss_chunk,
                        gradient_checkpointing=args.gradient_checkpointing, lora_rank=getattr(args, "lora_rank", 16),
                        schedule=args.schedule, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
-                       max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps,
+                       max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, eval_steps=args.eval_steps,
                        report_to=[t.strip() for t in args.report_to.split(",") if t.strip()])
+
+
+def _held_out(args: argparse.Namespace) -> dict | None:
+    """--eval-text LANG=PATH pairs, checked before anything loads; they need --eval-steps to be used."""
+    from elo_cpt.evaluation import parse_texts, read_eval_text
+
+    texts = parse_texts(args.eval_text)
+    if texts and args.eval_steps < 1:
+        raise EloError("--eval-text needs --eval-steps N (the held-out loss every N optimizer steps)")
+    if args.eval_steps and not texts:
+        raise EloError("--eval-steps needs held-out text: pass --eval-text LANG=PATH")
+    for path in texts.values():
+        read_eval_text(path)
+    return texts or None
 
 
 def _trained(stats, out: str) -> str:
@@ -292,21 +310,23 @@ def dispatch(args: argparse.Namespace) -> None:
         used = api.bridge(args.shallow, args.data, tokens, args.seq_len)
         print(f"bridges fitted on {used:,} tokens; saved in {args.shallow}")
     elif args.command == "pretrain":
-        stats = api.pretrain(args.shallow, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.train_norm)
+        stats = api.pretrain(args.shallow, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.train_norm,
+                             held_out=_held_out(args))
         print(_trained(stats, args.out))
     elif args.command == "merge":
         print(api.merge(args.base, args.shallow, args.out))
     elif args.command == "chat-vector":
         print(api.chat_vector(args.target, args.base, args.instruct, args.out, args.scale, args.skip))
     elif args.command == "align":
-        stats = api.align(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed)
+        stats = api.align(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, held_out=_held_out(args))
         print(_trained(stats, args.out))
     elif args.command == "finetune":
-        stats = api.finetune(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.method, args.layers)
+        stats = api.finetune(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.method, args.layers,
+                             held_out=_held_out(args))
         print(_trained(stats, args.out))
     elif args.command == "sft":
         stats = api.sft(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.method,
-                        args.chat_template)
+                        args.chat_template, held_out=_held_out(args))
         print(_trained(stats, args.out))
     elif args.command == "eval":
         _eval(args, api)
