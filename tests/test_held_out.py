@@ -13,7 +13,7 @@ from elo_cpt.config import TrainConfig
 
 
 def test_held_out_loss_is_logged_every_n_steps_and_at_the_end(tiny_model, corpora, tmp_path):
-    cfg = TrainConfig(tokens=32 * 14, lr=1e-3, batch_size=2, eval_steps=3, save_steps=100, loss_chunk=0)
+    cfg = TrainConfig(tokens=32 * 14, lr=1e-3, batch_size=2, eval_steps=3, save_steps=100, loss_chunk=8)  # the chunked loss
     held_out = {"de": corpora["eval_de"], "en": corpora["eval_en"]}
     stats = train.finetune(tiny_model, [str(corpora["train_de"])], tmp_path / "out", cfg, seq_len=32, held_out=held_out)
     assert stats.steps == 7

@@ -167,7 +167,7 @@ class EloTrainer(Trainer):
         # processes, which the global count has already done, hence the same rescaling as Trainer's own loss.
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes
-        return (loss, None) if return_outputs else loss
+        return (loss, {}) if return_outputs else loss  # no logits: they were never built whole (evaluation asks for the loss alone)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         # A checkpoint needs only what changes; frozen tensors come back from the model folder on resume
