@@ -46,7 +46,7 @@ _API = {
     "bridge": ("elo_cpt.train", "bridge"),
     "bench": ("elo_cpt.bench", "bench"),
     "study": ("elo_cpt.study", "study"),
-    "vocab": ("elo_cpt.vocab", "extend_vocabulary"),
+    "vocab": ("elo_cpt.vocabulary", "extend_vocabulary"),
 }
 
 __all__ = ["EloError", *_API]
