@@ -159,3 +159,65 @@ def test_korean_demo_corpus_on_smollm2(tmp_path) -> None:
     english = corpus.read_documents(ko.eval_english)
     assert new(english, add_special_tokens=False)["input_ids"] == old(english, add_special_tokens=False)["input_ids"]
     assert summary["tokens_per_char_after"] * 3 <= summary["tokens_per_char_before"]
+
+
+def _naive_merges(words: dict[tuple[str, ...], int], add: int, known: set[str], ascii_context: bool) -> list[tuple[str, str]]:
+    """The same rule, recounting every pair after each merge: what the incremental algorithm must reproduce."""
+    from collections import Counter
+
+    from elo_cpt.vocabulary import MIN_PAIR_COUNT, _ascii_free
+
+    seqs, merges = {tuple(w): n for w, n in words.items()}, []
+    while len(merges) < add:
+        counts: Counter = Counter()
+        for seq, n in seqs.items():
+            for pair in zip(seq, seq[1:]):
+                counts[pair] += n
+        allowed = [(-n, p) for p, n in counts.items()
+                   if n >= MIN_PAIR_COUNT and p[0] + p[1] not in known and _ascii_free(p[0] + p[1], ascii_context)]
+        if not allowed:
+            break
+        pair = min(allowed)[1]
+        merges.append(pair)
+        known.add(pair[0] + pair[1])
+        merged: dict = {}
+        for seq, n in seqs.items():
+            out, j = [], 0
+            while j < len(seq):
+                if seq[j:j + 2] == pair:
+                    out.append(pair[0] + pair[1])
+                    j += 2
+                else:
+                    out.append(seq[j])
+                    j += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + n
+        seqs = merged
+    return merges
+
+
+@pytest.mark.parametrize("ascii_context", [False, True])
+def test_incremental_merges_match_recounting(ascii_context: bool) -> None:
+    from collections import Counter
+
+    from elo_cpt.vocabulary import count_words, learn_merges
+
+    tokenizer = make_tokenizer()
+    words, _ = count_words(tokenizer, corpus.read_documents(KO) + corpus.read_documents(TEXT / "de.txt"))
+    segmented: Counter = Counter()
+    for word, n in words.items():
+        segmented[tuple(t.value for t in tokenizer.backend_tokenizer.model.tokenize(word))] += n
+    known = set(tokenizer.get_vocab())
+    expected = _naive_merges(segmented, 10_000, set(known), ascii_context)
+    assert len(expected) > ADD
+    assert learn_merges(segmented, 10_000, set(known), ascii_context) == expected
+
+
+def test_ascii_context_joins_the_leading_space(tmp_path, extended) -> None:
+    base = _tiny(tmp_path / "base", tie=True)
+    summary = extend_vocabulary(base, [str(KO)], ADD, tmp_path / "out", ascii_context=True)
+    old, new = AutoTokenizer.from_pretrained(base), AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert any(entry["token"].startswith("Ġ") for entry in summary["new_tokens"])  # " 명령" as one token
+    english = _paragraphs(TEXT / "en.txt")
+    assert new(english, add_special_tokens=False)["input_ids"] == old(english, add_special_tokens=False)["input_ids"]
+    assert summary["ascii_context"] is True
+    assert summary["tokens_per_char_after"] < extended[True][2]["tokens_per_char_after"]  # fewer than the default rule

@@ -15,10 +15,11 @@ and non-ASCII characters may then be split differently). Method, guarantees and 
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -149,8 +150,18 @@ def learn_merges(words: dict[tuple[str, ...], int], add: int, known: set[str], a
     return merges
 
 
-def _tokens_per_char(tokenizer, documents: list[str], chars: int) -> float:
-    total = sum(len(ids) for ids in tokenizer(documents, add_special_tokens=False)["input_ids"])
+def _documents(sources: list[str]) -> Iterator[str]:
+    """The documents of every source in turn, streamed (the corpus is read twice, never held whole)."""
+    for source in sources:
+        yield from corpus.source_documents(source)
+
+
+def _tokens_per_char(tokenizer, sources: list[str], chars: int) -> float:
+    """Tokens per character of the corpus (each document encoded alone, without special tokens)."""
+    total = 0
+    documents = _documents(sources)
+    while batch := list(itertools.islice(documents, corpus.TOKENIZE_BATCH)):
+        total += sum(len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"])
     return total / max(chars, 1)
 
 
@@ -169,14 +180,13 @@ def extend_vocabulary(model: str | Path, sources: list[str] | str, add: int, out
     Returns the summary also written to `out`/elo_vocab.json."""
     if not isinstance(add, int) or add < 1:
         raise EloError(f"--add must be a positive number of new tokens, got {add!r}; e.g. --add 8000")
-    sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    sources = [str(sources)] if isinstance(sources, (str, Path)) else [str(source) for source in sources]
     if not sources:
         raise EloError("elo vocab needs --data SOURCE, the target-language text to learn the new tokens from")
     checkpoint.check_output(out, overwrite=overwrite)
     tokenizer = checkpoint.load_tokenizer(model)
     spec = _tokenizer_json(tokenizer, str(model))
-    documents = [doc for source in sources for doc in corpus.read_source(source)]
-    words, chars = count_words(tokenizer, documents)
+    words, chars = count_words(tokenizer, _documents(sources))
     old_bpe = tokenizer.backend_tokenizer.model
     segmented: Counter[tuple[str, ...]] = Counter()
     for word, n in words.items():
@@ -225,11 +235,11 @@ def extend_vocabulary(model: str | Path, sources: list[str] | str, add: int, out
             raise EloError(f"the extended tokenizer reloads with {len(reloaded):,} tokens instead of "
                            f"{len(tokenizer) + add:,}; its class ({type(tokenizer).__name__}) may rebuild it")
         summary = {
-            "base_model": str(model), "sources": [str(s) for s in sources], "added": add,
+            "base_model": str(model), "sources": sources, "added": add,
             "ascii_context": ascii_context, "first_new_id": first, "vocab_size": first + add,
             "tokenizer_length": len(reloaded), "tied_head": tied, "characters": chars,
-            "tokens_per_char_before": _tokens_per_char(tokenizer, documents, chars),
-            "tokens_per_char_after": _tokens_per_char(reloaded, documents, chars),
+            "tokens_per_char_before": _tokens_per_char(tokenizer, sources, chars),
+            "tokens_per_char_after": _tokens_per_char(reloaded, sources, chars),
             "init": "mean of the old embedding (and untied head) rows of the pieces the old BPE spells the token with",
             "new_tokens": [{"id": first + i, "token": t, "pieces": p} for i, (t, p) in enumerate(zip(new_tokens, pieces))],
         }
