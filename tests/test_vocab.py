@@ -221,3 +221,18 @@ def test_ascii_context_joins_the_leading_space(tmp_path, extended) -> None:
     assert new(english, add_special_tokens=False)["input_ids"] == old(english, add_special_tokens=False)["input_ids"]
     assert summary["ascii_context"] is True
     assert summary["tokens_per_char_after"] < extended[True][2]["tokens_per_char_after"]  # fewer than the default rule
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_extended_model_detaches_and_merges_back(extended, tmp_path, tie: bool) -> None:
+    """ELO's surgery on an extended model: the shallow model keeps the new rows, and writing it back untrained
+    gives the extended model byte for byte (training the new rows in it is not done yet: docs/vocab.md)."""
+    from elo_cpt.surgery import detach, merge
+
+    _, out, _ = extended[tie]
+    detach(out, "0,-1", tmp_path / "shallow")
+    shallow = load_file(tmp_path / "shallow" / "model.safetensors")
+    assert shallow["model.embed_tokens.weight"].shape[0] == VOCAB + ADD
+    merge(out, tmp_path / "shallow", tmp_path / "merged")
+    assert (tmp_path / "merged" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").get_vocab() == AutoTokenizer.from_pretrained(out).get_vocab()
