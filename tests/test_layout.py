@@ -13,7 +13,7 @@ PACKAGE = Path(elo_cpt.__file__).parent
 LEVELS = {
     0: {"errors", "config", "checkpoint", "costmodel", "demo", "report", "report_figures",
         "study_report", "samples", "precision", "hub", "distributed", "modelcard", "findings", "files"},
-    1: {"corpus", "tokencache", "data", "surgery", "stageclock", "chatvector", "chatdata", "chattokens"},
+    1: {"corpus", "tokencache", "data", "surgery", "stageclock", "chatvector", "chatdata", "chattokens", "vocabulary"},
     2: {"engine", "train", "evaluation", "lmeval", "chateval"},
     3: {"pipeline", "pipeline_eval", "study", "bench"},
     4: {"cli", "__init__", "__main__"},

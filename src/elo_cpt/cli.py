@@ -183,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--documents", type=int, metavar="N", help="with --data: only the first N documents")
     bench.add_argument("--workers", type=int, metavar="N", help="with --data: also time N threads and N processes (default: the CPU count)")
 
+    vocab = sub.add_parser("vocab", help="add tokens learned from target-language text to a byte-level BPE model (docs/vocab.md)")
+    vocab.add_argument("model", help="Hugging Face model folder or hub id with a byte-level BPE tokenizer")
+    vocab.add_argument("--data", action="append", required=True, metavar="SOURCE", help="target-language text (docs/data.md); repeatable")
+    vocab.add_argument("--add", type=int, required=True, help="how many new tokens to learn, e.g. 8000")
+    vocab.add_argument("--out", required=True, help="output model folder (written when complete)")
+    vocab.add_argument("--ascii-context", action="store_true",
+                       help="let new tokens hold ASCII bytes (a leading space) next to non-ASCII ones: fewer tokens; pure ASCII text still keeps its encoding")
+
     study = sub.add_parser("study", help="a grid of runs (ELO variants and baselines) on the same data; one results table",
                            description="Run a study: ELO, its ablations and the baselines (full fine-tuning, LoRA, "
                                        "freeze-tuning, alignment only) at equal tokens or equal cost-model FLOPs. "
@@ -340,6 +348,10 @@ def dispatch(args: argparse.Namespace) -> None:
     elif args.command == "bench":
         api.bench(args.model, args.methods, args.batch, args.seq, args.steps, args.warmup, args.layers, args.loss_chunk,
                   args.lora_rank, {"float32": "32-true", "bfloat16": "bf16-true"}.get(args.dtype, args.precision), args.json, args.force)
+    elif args.command == "vocab":
+        done = api.vocab(args.model, args.data, args.add, args.out, ascii_context=args.ascii_context)
+        print(f"{args.out}: {done['added']:,} new tokens, vocabulary {done['vocab_size']:,}; tokens per character on the "
+              f"training text {done['tokens_per_char_before']:.3f} -> {done['tokens_per_char_after']:.3f}")
     elif args.command == "study":
         if args.list:
             from elo_cpt.study import load_study, plan
