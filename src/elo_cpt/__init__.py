@@ -44,8 +44,8 @@ _API = {
     "sft": ("elo_cpt.train", "sft"),
     "pretrain": ("elo_cpt.train", "pretrain"),
     "bridge": ("elo_cpt.train", "bridge"),
-    "bench": ("elo_cpt.bench", "bench"),
-    "study": ("elo_cpt.study", "study"),
+    "bench": ("elo_cpt.benchmark", "bench"),
+    "study": ("elo_cpt.study_runner", "study"),
     "vocab": ("elo_cpt.vocabulary", "extend_vocabulary"),
 }
 

@@ -342,7 +342,7 @@ def dispatch(args: argparse.Namespace) -> None:
         html_path, md_path = api.write_report(args.run_dir)
         print(f"{html_path}\n{md_path}")
     elif args.command == "bench" and args.data:
-        from elo_cpt.bench import bench_tokenization
+        from elo_cpt.benchmark import bench_tokenization
 
         bench_tokenization(args.data, args.model, args.seq, args.documents, args.workers, args.json)
     elif args.command == "bench":
@@ -354,7 +354,7 @@ def dispatch(args: argparse.Namespace) -> None:
               f"training text {done['tokens_per_char_before']:.3f} -> {done['tokens_per_char_after']:.3f}")
     elif args.command == "study":
         if args.list:
-            from elo_cpt.study import load_study, plan
+            from elo_cpt.study_runner import load_study, plan
 
             parsed = load_study(args.study)
             for cell in parsed.cells:
