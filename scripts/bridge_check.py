@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from elo_cpt import assets, checkpoint, data, surgery
+from elo_cpt import checkpoint, data, surgery
+from elo_cpt.demo import assets
 
 
 def loss(model, ids: torch.Tensor) -> float:

@@ -24,8 +24,8 @@ precision_rc=${PIPESTATUS[0]}
 import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from elo_cpt.assets import prepare_assets
-from elo_cpt.bench import load_config
+from elo_cpt.demo.assets import prepare_assets
+from elo_cpt.benchmark import load_config
 config = load_config("llama-3.2-1b")
 tokenizer = AutoTokenizer.from_pretrained(prepare_assets().model)
 config.vocab_size = len(tokenizer)

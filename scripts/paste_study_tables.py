@@ -2,7 +2,7 @@
 
     python scripts/paste_study_tables.py de=runs/study-de ko=runs/study-ko
 
-Each study folder's `results.md` (run `elo study ... --out DIR` or `elo_cpt.study.collect(DIR)` first) gives the
+Each study folder's `results.md` (run `elo study ... --out DIR` or `elo_cpt.study_runner.collect(DIR)` first) gives the
 tables from its `## Main comparison` to its plot, headings demoted one level, and its `Machine:` line; they
 replace the same blocks of the German or Korean section of docs/results.md. The hand-written readings stay.
 """

@@ -105,7 +105,7 @@ def test_fft_memory_of_8b_exceeds_this_machine():
 
 
 def test_named_shapes_cost_nothing_to_describe():
-    from elo_cpt import bench
+    from elo_cpt import benchmark as bench
 
     for name in bench.SHAPES:
         shape = costmodel.Shape.from_config(bench.load_config(name))
@@ -115,7 +115,7 @@ def test_named_shapes_cost_nothing_to_describe():
 
 
 def test_bench_cli_smoke(tiny_model, tmp_path):
-    from elo_cpt import bench
+    from elo_cpt import benchmark as bench
 
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -145,7 +145,7 @@ def test_bench_cli_smoke(tiny_model, tmp_path):
 
 
 def test_bench_rejects_unknown_input(tiny_model):
-    from elo_cpt import bench
+    from elo_cpt import benchmark as bench
 
     with pytest.raises(EloError, match="unknown method"):
         bench.bench(str(tiny_model), "elo,sgd")

@@ -13,9 +13,9 @@ PACKAGE = Path(elo_cpt.__file__).parent
 LEVELS = {
     0: {"errors", "config", "configparse", "checkpoint", "costmodel", "demo", "report", "report_figures",
         "study_report", "samples", "precision", "hub", "distributed", "modelcard", "findings", "files", "report_chat"},
-    1: {"corpus", "tokencache", "data", "surgery", "stageclock", "chatvector", "chatdata", "chattokens"},
+    1: {"corpus", "tokencache", "data", "surgery", "stageclock", "chatvector", "chatdata", "chattokens", "vocabulary"},
     2: {"engine", "train", "evaluation", "lmeval", "chateval"},
-    3: {"pipeline", "pipeline_eval", "pipeline_stage3", "study", "bench"},
+    3: {"pipeline", "pipeline_eval", "pipeline_stage3", "study_runner", "benchmark"},
     4: {"cli", "__init__", "__main__"},
 }
 LEVEL = {module: level for level, modules in LEVELS.items() for module in modules}
@@ -152,3 +152,15 @@ def test_modules_stay_readable():
     """One module per concern, each small enough to read in one sitting."""
     long = {p.name: n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
     assert not long, f"split these modules: {long}"
+
+
+def test_api_names_are_not_module_names():
+    """Importing a submodule binds its name on the package, so an API function named like a module (`study` in
+    study.py) would turn into that module after its first call."""
+    import importlib
+
+    clashes = sorted(set(elo_cpt._API) & MODULES)
+    assert not clashes, f"rename these modules, their names hide API functions: {clashes}"
+    for name, (module, _) in elo_cpt._API.items():
+        importlib.import_module(module)
+        assert callable(getattr(elo_cpt, name)) and not isinstance(getattr(elo_cpt, name), type(elo_cpt)), name

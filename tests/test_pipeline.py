@@ -23,6 +23,7 @@ def tiny_run_config(tiny_model, corpora, *extra):
         f"data.english=[{corpora['train_en']}]",
         f"data.eval={{de: {corpora['eval_de']}, en: {corpora['eval_en']}}}",
         "seq_len=32", "stage1.tokens=1600", "stage1.lr=1e-3", "stage1.batch_size=2", "align.batch_size=2", "align.lr=1e-3",
+        "align.eval_steps=1",
         *extra,
     ])
 
@@ -42,6 +43,9 @@ def test_pipeline_on_a_tiny_model(tiny_model, corpora, tmp_path, capsys):
     assert set(metrics["eval"]["final"]) == {"de", "en"}
     assert metrics["stages"]["stage1"]["training"]["tokens"] == 1600 and metrics["stages"]["align"]["training"]["tokens"] == 160
     assert {"detach", "stage1", "merge", "align", "eval base", "eval merged", "eval final"} == set(metrics["stages"])
+    # the held-out loss during alignment (align.eval_steps) on data.eval's texts, after each of its 3 steps
+    assert {lang: [s for s, _ in points] for lang, points in metrics["stages"]["align"]["training"]["eval_losses"].items()} == {
+        "de": [1, 2, 3], "en": [1, 2, 3]}
     assert metrics["data"]["stage1"]["byte_share"]["en"] == pytest.approx(0.1, abs=0.002)
     assert metrics["data"]["eval_overlap"] == {"de": 0, "en": 0}
     # The two stages train on disjoint documents.

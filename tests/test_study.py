@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from conftest import free_port
-from elo_cpt import costmodel, study
+from elo_cpt import costmodel
+from elo_cpt import study_runner as study
 from elo_cpt.cli import main
 from elo_cpt.errors import EloError
 

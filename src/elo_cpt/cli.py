@@ -69,6 +69,10 @@ def _add_training_options(parser: argparse.ArgumentParser, lr: float, data_help:
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0 turns clipping off (default 1.0)")
     parser.add_argument("--logging-steps", type=int, default=0, help="log the loss every N steps (default 0: about 20 times)")
+    parser.add_argument("--eval-text", action="append", default=[], metavar="LANG=PATH",
+                        help="held-out text whose loss is logged during training (with --eval-steps); repeat per language")
+    parser.add_argument("--eval-steps", type=int, default=0,
+                        help="log the loss on each --eval-text every N optimizer steps and at the end (default 0: off)")
     parser.add_argument("--report-to", default="tensorboard", metavar="A,B",
                         help="experiment trackers: tensorboard (default), wandb, mlflow, comet_ml, clearml, dvclive, neptune, or none")
 
@@ -179,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--documents", type=int, metavar="N", help="with --data: only the first N documents")
     bench.add_argument("--workers", type=int, metavar="N", help="with --data: also time N threads and N processes (default: the CPU count)")
 
+    vocab = sub.add_parser("vocab", help="add tokens learned from target-language text to a byte-level BPE model (docs/vocab.md)")
+    vocab.add_argument("model", help="Hugging Face model folder or hub id with a byte-level BPE tokenizer")
+    vocab.add_argument("--data", action="append", required=True, metavar="SOURCE", help="target-language text (docs/data.md); repeatable")
+    vocab.add_argument("--add", type=int, required=True, help="how many new tokens to learn, e.g. 8000")
+    vocab.add_argument("--out", required=True, help="output model folder (written when complete)")
+    vocab.add_argument("--ascii-context", action="store_true",
+                       help="let new tokens hold ASCII bytes (a leading space) next to non-ASCII ones: fewer tokens; pure ASCII text still keeps its encoding")
+
     study = sub.add_parser("study", help="a grid of runs (ELO variants and baselines) on the same data; one results table",
                            description="Run a study: ELO, its ablations and the baselines (full fine-tuning, LoRA, "
                                        "freeze-tuning, alignment only) at equal tokens or equal cost-model FLOPs. "
@@ -205,8 +217,22 @@ def _train_config(args: argparse.Namespace):
                        save_steps=args.save_steps, optimizer=args.optimizer, precision=args.precision, loss_chunk=args.loss_chunk,
                        gradient_checkpointing=args.gradient_checkpointing, lora_rank=getattr(args, "lora_rank", 16),
                        schedule=args.schedule, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
-                       max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps,
+                       max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, eval_steps=args.eval_steps,
                        report_to=[t.strip() for t in args.report_to.split(",") if t.strip()])
+
+
+def _held_out(args: argparse.Namespace) -> dict | None:
+    """--eval-text LANG=PATH pairs, checked before anything loads; they need --eval-steps to be used."""
+    from elo_cpt.evaluation import parse_texts, read_eval_text
+
+    texts = parse_texts(args.eval_text)
+    if texts and args.eval_steps < 1:
+        raise EloError("--eval-text needs --eval-steps N (the held-out loss every N optimizer steps)")
+    if args.eval_steps and not texts:
+        raise EloError("--eval-steps needs held-out text: pass --eval-text LANG=PATH")
+    for path in texts.values():
+        read_eval_text(path)
+    return texts or None
 
 
 def _trained(stats, out: str) -> str:
@@ -292,21 +318,23 @@ def dispatch(args: argparse.Namespace) -> None:
         used = api.bridge(args.shallow, args.data, tokens, args.seq_len)
         print(f"bridges fitted on {used:,} tokens; saved in {args.shallow}")
     elif args.command == "pretrain":
-        stats = api.pretrain(args.shallow, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.train_norm)
+        stats = api.pretrain(args.shallow, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.train_norm,
+                             held_out=_held_out(args))
         print(_trained(stats, args.out))
     elif args.command == "merge":
         print(api.merge(args.base, args.shallow, args.out))
     elif args.command == "chat-vector":
         print(api.chat_vector(args.target, args.base, args.instruct, args.out, args.scale, args.skip))
     elif args.command == "align":
-        stats = api.align(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed)
+        stats = api.align(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, held_out=_held_out(args))
         print(_trained(stats, args.out))
     elif args.command == "finetune":
-        stats = api.finetune(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.method, args.layers)
+        stats = api.finetune(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.method, args.layers,
+                             held_out=_held_out(args))
         print(_trained(stats, args.out))
     elif args.command == "sft":
         stats = api.sft(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.method,
-                        args.chat_template)
+                        args.chat_template, held_out=_held_out(args))
         print(_trained(stats, args.out))
     elif args.command == "eval":
         _eval(args, api)
@@ -314,15 +342,19 @@ def dispatch(args: argparse.Namespace) -> None:
         html_path, md_path = api.write_report(args.run_dir)
         print(f"{html_path}\n{md_path}")
     elif args.command == "bench" and args.data:
-        from elo_cpt.bench import bench_tokenization
+        from elo_cpt.benchmark import bench_tokenization
 
         bench_tokenization(args.data, args.model, args.seq, args.documents, args.workers, args.json)
     elif args.command == "bench":
         api.bench(args.model, args.methods, args.batch, args.seq, args.steps, args.warmup, args.layers, args.loss_chunk,
                   args.lora_rank, {"float32": "32-true", "bfloat16": "bf16-true"}.get(args.dtype, args.precision), args.json, args.force)
+    elif args.command == "vocab":
+        done = api.vocab(args.model, args.data, args.add, args.out, ascii_context=args.ascii_context)
+        print(f"{args.out}: {done['added']:,} new tokens, vocabulary {done['vocab_size']:,}; tokens per character on the "
+              f"training text {done['tokens_per_char_before']:.3f} -> {done['tokens_per_char_after']:.3f}")
     elif args.command == "study":
         if args.list:
-            from elo_cpt.study import load_study, plan
+            from elo_cpt.study_runner import load_study, plan
 
             parsed = load_study(args.study)
             for cell in parsed.cells:

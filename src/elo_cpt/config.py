@@ -68,6 +68,10 @@ class TrainConfig:
     """Rank of the LoRA adapters (LoRA baseline only)."""
     logging_steps: int = 0
     """Log the training loss every this many optimizer steps; 0 logs about 20 times per stage."""
+    eval_steps: int = 0
+    """Also log the loss on held-out text every this many optimizer steps and at the end, through Trainer's
+    evaluation loop (elo run: data.eval's texts; stage commands: --eval-text; the first 20,000 characters of each);
+    0 turns it off. Each evaluation costs a forward pass over the held-out text."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Experiment trackers, through transformers' integrations: tensorboard (the stage's logs/ folder), wandb, mlflow,
     comet_ml, clearml, dvclive or neptune (each needs its package and its usual environment variables); none for none."""
@@ -287,6 +291,7 @@ def train_checks(train: TrainConfig, prefix: str = "", min_tokens: int = 1) -> l
         (train.precision in PRECISIONS, f"{prefix}precision must be one of {', '.join(PRECISIONS)}, not {train.precision!r}"),
         (train.precision != "bf16-true" or train.optimizer == "adamw_kahan", f"{prefix}precision bf16-true {BF16_TRUE_NEEDS}"),
         (train.logging_steps >= 0, f"{prefix}logging_steps must be >= 0 (0: about 20 log points per stage)"),
+        (train.eval_steps >= 0, f"{prefix}eval_steps must be >= 0 (0: no held-out loss during training)"),
         (set(train.report_to) <= set(TRACKERS), f"{prefix}report_to takes some of {', '.join(TRACKERS)}, not {train.report_to!r}"),
     ]
 

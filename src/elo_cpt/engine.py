@@ -44,6 +44,7 @@ class StageStats:
     precision: str = "32-true"
     hardware: dict = field(default_factory=dict)
     processes: int = 1
+    eval_losses: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # held-out loss per language
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,7 +167,7 @@ class EloTrainer(Trainer):
         # processes, which the global count has already done, hence the same rescaling as Trainer's own loss.
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes
-        return (loss, None) if return_outputs else loss
+        return (loss, {}) if return_outputs else loss  # no logits: they were never built whole (evaluation asks for the loss alone)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         # A checkpoint needs only what changes; frozen tensors come back from the model folder on resume
@@ -210,9 +211,15 @@ def trackers(cfg: TrainConfig) -> list[str]:
     return wanted
 
 
-def training_arguments(cfg: TrainConfig, work_dir: Path, steps: int, seed: int, precision: str, optim: str) -> TrainingArguments:
-    """Trainer settings for one pass of `steps` optimizer steps at a resolved `precision`."""
+def training_arguments(cfg: TrainConfig, work_dir: Path, steps: int, seed: int, precision: str, optim: str,
+                       evaluate: bool = False) -> TrainingArguments:
+    """Trainer settings for one pass of `steps` optimizer steps at a resolved `precision`; with `evaluate`, the loss
+    on held-out data every `cfg.eval_steps` steps (the loss alone: no logits are gathered)."""
     return TrainingArguments(
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=cfg.eval_steps if evaluate else None,
+        per_device_eval_batch_size=cfg.batch_size,
+        prediction_loss_only=True,
         output_dir=str(work_dir / "checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -276,9 +283,11 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return None
 
 
-def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainConfig, work_dir: Path, seed: int
-                ) -> tuple[StageStats, Trainer]:
-    """Train `model` in place on `dataset` for one pass; checkpoints go to `work_dir/checkpoints`.
+def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainConfig, work_dir: Path, seed: int,
+                eval_datasets: dict[str, data.PackedDataset] | None = None) -> tuple[StageStats, Trainer]:
+    """Train `model` in place on `dataset` for one pass; checkpoints go to `work_dir/checkpoints`. With
+    `eval_datasets` ({language: packed held-out rows}) and `cfg.eval_steps`, the held-out loss of each is logged
+    every `cfg.eval_steps` steps and at the end (`StageStats.eval_losses`).
 
     `dataset` is packed rows, or any dataset with the same `shuffled` and `tokens_of` (the tokens of its first n
     examples, padding excluded) and, for examples of different lengths, a `collate` that pads a batch.
@@ -289,7 +298,8 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
     steps = math.ceil(len(dataset) / (cfg.batch_size * cfg.grad_accum * world))
     precision = precision_mod.resolve(cfg.precision)
     optim, custom_optimizer = precision_mod.optimizer(cfg)
-    args = training_arguments(cfg, work_dir, steps, seed, precision, optim)
+    evaluate = bool(eval_datasets) and cfg.eval_steps > 0
+    args = training_arguments(cfg, work_dir, steps, seed, precision, optim, evaluate)
     examples_per_step = cfg.batch_size * cfg.grad_accum * max(1, args.world_size)
     # packed rows: exactly seq_len per example; padded examples: their mean length, for the progress bar's rate
     tokens_per_step = round(examples_per_step * dataset.tokens_of(len(dataset)) / len(dataset))
@@ -302,7 +312,8 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(work_dir / "logs"))))
     use_cache = model.config.use_cache  # Trainer turns the KV cache off for training; the saved model keeps the input's
     trainer = EloTrainer(model=model, args=args, train_dataset=dataset, loss_chunk=cfg.loss_chunk, callbacks=callbacks,
-                         optimizer_cls_and_kwargs=custom_optimizer, data_collator=getattr(dataset, "collate", None))
+                         optimizer_cls_and_kwargs=custom_optimizer, data_collator=getattr(dataset, "collate", None),
+                         eval_dataset=eval_datasets if evaluate else None)
     resume = last_complete_checkpoint(Path(args.output_dir))
     if resume or clock.invocations > 1:
         print(f"resuming from {resume or 'the start (no complete checkpoint)'}: run {clock.invocations} of this stage, "
@@ -310,11 +321,16 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
     clock.begin()
     try:
         trainer.train(resume_from_checkpoint=resume)
+        last = trainer.state.global_step
+        if evaluate and not any(e.get("step") == last and any(k.startswith("eval_") for k in e) for e in trainer.state.log_history):
+            trainer.evaluate()  # the trained model's held-out loss, where Trainer's own schedule did not log it
     finally:  # an exception or Ctrl-C: its seconds still count when the stage is rerun
         clock.save()
     model.config.use_cache = use_cache
     seconds = clock.seconds
     losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
+    eval_losses = {lang: [(int(e["step"]), float(e[f"eval_{lang}_loss"])) for e in trainer.state.log_history
+                          if f"eval_{lang}_loss" in e] for lang in (eval_datasets or {}) if evaluate}
     if args.process_index == 0:
         save_loss_plot(losses, work_dir / "loss.png")
     stats = StageStats(
@@ -329,5 +345,6 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
         precision=precision,
         hardware=precision_mod.hardware(),
         processes=args.world_size,
+        eval_losses=eval_losses,
     )
     return stats, trainer

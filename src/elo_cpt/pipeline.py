@@ -234,7 +234,7 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
                 log(f"[5/6] alignment ({cfg.align.method}) on {data_summary['align']['tokens']:,} tokens")
                 align_cfg = replace(cfg.align, tokens=data_summary["align"]["tokens"])
                 train.finetune(merged, [str(data_dir / "align.jsonl")], model_dir, align_cfg, cfg.seq_len, cfg.seed,
-                               method=cfg.align.method, layers=cfg.layers)
+                               method=cfg.align.method, layers=cfg.layers, held_out=cfg.data.eval)
             else:
                 distributed.main_only(copy_merged, merged, model_dir)
     control = out / "stages" / "control"
@@ -244,7 +244,7 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
                 f"{data_summary['align']['tokens']:,} tokens")
             align_cfg = replace(cfg.align, tokens=data_summary["align"]["tokens"])
             train.finetune(cfg.model, [str(data_dir / "align.jsonl")], control, align_cfg, cfg.seq_len, cfg.seed,
-                           method=cfg.align.method, layers=cfg.layers)
+                           method=cfg.align.method, layers=cfg.layers, held_out=cfg.data.eval)
     stage3.run_stage3(cfg, out, timings)
     return distributed.main_only(finish_run, cfg, out, resolved, data_summary, timings, checked.get("tasks"), started)
 
@@ -352,7 +352,7 @@ def stage1_and_merge(cfg: RunConfig, stage1_data: Path, folder: Path, timings: T
         log(f"[3/6] ELO stage 1: training layers {cfg.layers} of the shallow model on {cfg.stage1.tokens:,} tokens")
         with timings.step("stage1"):
             train.pretrain(shallow, [str(stage1_data)], stage1, cfg.stage1, cfg.seq_len, cfg.seed,
-                           train_norm=cfg.stage1.train_norm)
+                           train_norm=cfg.stage1.train_norm, held_out=cfg.data.eval)
     distributed.main_only(merge_step, cfg, shallow, stage1, merged, timings)
     return merged
 

@@ -126,7 +126,7 @@ def run_stage3(cfg: RunConfig, out: Path, timings: Timings) -> None:
             f"{', '.join(cfg.sft.data)}")
         with timings.step("sft"):
             train.sft(start, cfg.sft.data, chat_model, cfg.sft, chat_seq_len(cfg), cfg.seed, method=cfg.sft.method,
-                      chat_template=cfg.chat.template)
+                      chat_template=cfg.chat.template, held_out=cfg.data.eval)
 
 
 def chat_vector_step(cfg: RunConfig, model_dir: Path, target: Path, timings: Timings) -> None:

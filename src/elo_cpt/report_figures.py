@@ -78,17 +78,24 @@ def _grouped_bars(axes, models: list[str], languages: list[str], value: Callable
 
 
 def plot_losses(records: list[tuple[str, float | None, dict]]) -> bytes | None:
-    """Training loss against optimizer step, one panel per stage that trained (their step scales differ)."""
-    curves = [(name, training["losses"]) for name, _, training in records if training.get("losses")]
+    """Training loss against optimizer step, one panel per stage that trained (their step scales differ), with the
+    held-out loss per language where the stage logged it (`eval_steps`), dashed."""
+    curves = [(name, training["losses"], training.get("eval_losses") or {}) for name, _, training in records
+              if training.get("losses")]
     if not curves:
         return None
     columns = min(len(curves), 3)
     rows = math.ceil(len(curves) / columns)
     figure = Figure(figsize=(3.6 * columns + 0.6, 3.0 * rows))
-    for i, (name, losses) in enumerate(curves):
+    for i, (name, losses, held_out) in enumerate(curves):
         axes = figure.add_subplot(rows, columns, i + 1)
         steps, values = [s for s, _ in losses], [v for _, v in losses]
-        axes.plot(steps, values, color="#1a5fb4", marker="." if len(losses) < 30 else None, linewidth=1.2)
+        axes.plot(steps, values, color="#1a5fb4", marker="." if len(losses) < 30 else None, linewidth=1.2, label="training")
+        for j, (lang, points) in enumerate(held_out.items()):
+            axes.plot([s for s, _ in points], [v for _, v in points], linestyle="--", marker=".", linewidth=1.2,
+                      color=_EXTRA_COLOURS[j % len(_EXTRA_COLOURS)], label=f"held-out {lang}")
+        if held_out:
+            axes.legend(fontsize=7)
         axes.set(title=name, xlabel="optimizer step", ylabel="loss (nats/token)" if i % columns == 0 else None)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import AutoConfig, PreTrainedModel
 
-from elo_cpt import chattokens, checkpoint, data, distributed, files, surgery
+from elo_cpt import chattokens, checkpoint, data, distributed, evaluation, files, surgery
 from elo_cpt import precision as precision_mod
 from elo_cpt.config import AUTO, FINETUNE_METHODS, TrainConfig, bridge_token_count, check_seq_len, validate_train
 from elo_cpt.engine import StageStats, last_complete_checkpoint, run_trainer
@@ -31,6 +31,8 @@ from elo_cpt.errors import EloError
 from elo_cpt.stageclock import CLOCK_FILE
 
 STATS_FILE = "training_stats.json"
+#: Characters of each held-out text the loss during training reads (as `eval.max_chars` by default).
+HELD_OUT_CHARS = 20_000
 METHODS = FINETUNE_METHODS
 SFT_METHODS = ("fft", "lora")
 
@@ -79,6 +81,8 @@ def _run_stage(
     provenance: dict | None = None,
     load_data: Callable[[object], Dataset] | None = None,
     finish: Callable[[Path], None] | None = None,
+    held_out: dict[str, str | Path] | None = None,
+    held_out_chars: int = HELD_OUT_CHARS,
 ) -> StageStats:
     """The sequence every training stage shares: data, model, what trains (`prepare`), Trainer, then the result in
     `out` (`save` writes the model files from the in-memory model; the side files, stats and a shallow model's
@@ -86,6 +90,8 @@ def _run_stage(
 
     The data is `sources` packed into rows of `seq_len` tokens, unless `load_data` builds it from the tokenizer
     (chat data: padded conversations). `finish` adds files to the output after the side files are copied.
+    `held_out` ({language: text file}, the first `held_out_chars` characters of each) gives the held-out loss every
+    `cfg.eval_steps` steps.
 
     Under FSDP or DeepSpeed the parameters are sharded across processes, so the model is gathered and saved with
     Trainer's own `save_model` on every process instead of `save`.
@@ -107,7 +113,8 @@ def _run_stage(
     with stage_output(out) as (staging, main):
         torch.manual_seed(seed)
         model = prepare(checkpoint.load_model(model_dir, weights_dtype))
-        stats, trainer = run_trainer(model, dataset, cfg, staging, seed)
+        stats, trainer = run_trainer(model, dataset, cfg, staging, seed, held_out_rows(held_out, held_out_chars, tokenizer,
+                                                                                     seq_len) if cfg.eval_steps else None)
         sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
         if sharded:
             trainer.save_model(str(staging))  # collective: every process takes part in gathering the weights
@@ -128,6 +135,16 @@ def _run_stage(
     return stats
 
 
+def held_out_rows(texts: dict[str, str | Path] | None, max_chars: int, tokenizer, seq_len: int
+                  ) -> dict[str, data.PackedDataset] | None:
+    """Held-out text per language, packed into rows of `seq_len` tokens for the loss during training."""
+    if not texts:
+        return None
+    return {lang: data.PackedDataset(data.pack([evaluation.read_eval_text(path, max_chars)], tokenizer, seq_len,
+                                               what=f"held-out {lang} text {path}"))
+            for lang, path in texts.items()}
+
+
 def pretrain(
     shallow_dir: str | Path,
     sources: list[str],
@@ -136,6 +153,7 @@ def pretrain(
     seq_len: int = 256,
     seed: int = 0,
     train_norm: bool = False,
+    held_out: dict[str, str | Path] | None = None,
 ) -> StageStats:
     """ELO stage 1: train the decoder layers of a shallow model (from `elo detach`) and save it to `out`.
 
@@ -163,7 +181,8 @@ def pretrain(
     def save(model: PreTrainedModel, staging: Path) -> None:
         model.save_pretrained(staging, safe_serialization=True)
 
-    return _run_stage(shallow_dir, sources, out, cfg or TrainConfig(), seq_len, seed, prepare, save, provenance=provenance)
+    return _run_stage(shallow_dir, sources, out, cfg or TrainConfig(), seq_len, seed, prepare, save, provenance=provenance,
+                      held_out=held_out)
 
 
 def bridge(shallow_dir: str | Path, sources: list[str], tokens: int | str = AUTO, seq_len: int = 256,
@@ -194,13 +213,16 @@ def finetune(
     seed: int = 0,
     method: str = "fft",
     layers: str = "0,-1",
+    held_out: dict[str, str | Path] | None = None,
 ) -> StageStats:
-    """Fine-tune a whole model with `method` (fft, freeze or lora) and save a standard model folder to `out`."""
+    """Fine-tune a whole model with `method` (fft, freeze or lora) and save a standard model folder to `out`
+    (`held_out`: held-out text per language for the loss during training, with `cfg.eval_steps`)."""
     if method not in METHODS:
         raise EloError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     model_dir = checkpoint.require_model_dir(model_dir)
     prepare, save = _method(method, cfg or TrainConfig(), layers)
-    return _run_stage(model_dir, sources, out, cfg or TrainConfig(), seq_len, seed, prepare, save, {"method": method})
+    return _run_stage(model_dir, sources, out, cfg or TrainConfig(), seq_len, seed, prepare, save, {"method": method},
+                      held_out=held_out)
 
 
 def _method(method: str, cfg: TrainConfig, layers: str = "0,-1") -> tuple[Callable, Callable]:
@@ -228,6 +250,7 @@ def sft(
     seed: int = 0,
     method: str = "fft",
     chat_template: str | Path | None = None,
+    held_out: dict[str, str | Path] | None = None,
 ) -> StageStats:
     """Stage 3's supervised fine-tuning: train on conversations rendered with the model's chat template (or the
     Jinja file `chat_template`, which the output then keeps), with the loss on the assistant's answers only.
@@ -253,7 +276,8 @@ def sft(
             chattokens.write_template(staging, template)
 
     prepare, save = _method(method, cfg)
-    return _run_stage(model_dir, sources, out, cfg, seq_len, seed, prepare, save, extra, load_data=load_data, finish=finish)
+    return _run_stage(model_dir, sources, out, cfg, seq_len, seed, prepare, save, extra, load_data=load_data, finish=finish,
+                      held_out=held_out)
 
 
 def with_lora(model: PreTrainedModel, rank: int):
@@ -270,6 +294,7 @@ def align(
     cfg: TrainConfig | None = None,
     seq_len: int = 256,
     seed: int = 0,
+    held_out: dict[str, str | Path] | None = None,
 ) -> StageStats:
     """Alignment: fine-tune every parameter of a (merged) model and save it to `out`."""
-    return finetune(model_dir, sources, out, cfg, seq_len, seed, method="fft")
+    return finetune(model_dir, sources, out, cfg, seq_len, seed, method="fft", held_out=held_out)

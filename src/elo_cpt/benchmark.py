@@ -246,7 +246,7 @@ def bench(model: str, methods: list[str] | str = "elo,freeze,lora,fft,align", ba
 
 def _run_isolated(args: dict) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "elo_cpt.bench", json.dumps(args)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "elo_cpt.benchmark", json.dumps(args)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise EloError(f"benchmark of {args['method']} failed (exit {proc.returncode}): {tail}")
@@ -386,7 +386,7 @@ def bench_tokenization(sources: list[str] | str, tokenizer_dir: str | Path, seq_
         log(f"tokenize + pack, {name} ...")
         args = dict(sources=[str(s) for s in sources], tokenizer_dir=str(tokenizer_dir), seq_len=seq_len,
                     max_documents=max_documents, processes=processes, end_to_end=end_to_end)
-        code = "import json, sys; from elo_cpt.bench import tokenization_worker as w; print(json.dumps(w(**json.loads(sys.argv[1]))))"
+        code = "import json, sys; from elo_cpt.benchmark import tokenization_worker as w; print(json.dumps(w(**json.loads(sys.argv[1]))))"
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
                               env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
         if proc.returncode != 0:

@@ -247,7 +247,7 @@ def study(spec: str | Path | dict, out: str | Path, cells: list[str] | str | Non
         files.write_json(folder / "cell.json", _record(parsed, cell, p))
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         launcher = shlex.split(launch) if launch else [sys.executable]
-        proc = subprocess.run([*launcher, "-m", "elo_cpt.study", str(out), cell.name], env=env)
+        proc = subprocess.run([*launcher, "-m", "elo_cpt.study_runner", str(out), cell.name], env=env)
         if proc.returncode != 0 or not (folder / RESULT).is_file():
             log(f"cell {cell.name} failed (exit {proc.returncode}); rerun the same command to retry it")
             failed.append(cell.name)
@@ -423,7 +423,7 @@ def collect(out: str | Path) -> dict:
     return results
 
 
-if __name__ == "__main__":  # one cell in its own process: `python -m elo_cpt.study STUDY_DIR CELL`
+if __name__ == "__main__":  # one cell in its own process: `python -m elo_cpt.study_runner STUDY_DIR CELL`
     distributed.setup_logging()
     try:
         run_cell(sys.argv[1], sys.argv[2])
