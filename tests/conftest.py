@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -14,8 +16,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Tokenized-data cache entries of test corpora stay out of the user's cache (subprocesses inherit this).
-os.environ.setdefault("ELO_CPT_TOKEN_CACHE", tempfile.mkdtemp(prefix="elo-cpt-test-tokens-"))
+# Tokenized-data cache entries of test corpora stay out of the user's cache (subprocesses inherit this); the folder
+# made here goes when the test session ends.
+if "ELO_CPT_TOKEN_CACHE" not in os.environ:
+    os.environ["ELO_CPT_TOKEN_CACHE"] = tempfile.mkdtemp(prefix="elo-cpt-test-tokens-")
+    atexit.register(shutil.rmtree, os.environ["ELO_CPT_TOKEN_CACHE"], ignore_errors=True)
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
