@@ -12,7 +12,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
+
+# Under pytest-xdist (pyproject's addopts run one worker per core), each worker and the commands it starts share the
+# cores instead of each spinning one thread per core.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -3,7 +3,7 @@
 `elo detach` and `elo merge` run as child processes so that their own peak resident memory can be read. Print the
 figures (they are quoted in docs/surgery.md) with:
 
-    python -m pytest tests/test_surgery_scale.py -s -m slow
+    python -m pytest tests/test_surgery_scale.py -s -n 0 -m slow
 """
 
 from __future__ import annotations
