@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TEXT, VOCAB, save_tiny_model
-from elo_cpt import chat_vector, checkpoint, config, pipeline, surgery, train, vocabulary
+from elo_cpt import chat_vector, checkpoint, cli, config, pipeline, surgery, train, vocabulary
 from elo_cpt.config import TrainConfig
 from elo_cpt.errors import EloError
 
@@ -71,12 +71,33 @@ def test_stage1_trains_only_the_new_rows_and_merge_writes_them_back(extended, tm
         assert torch.equal(new[name][:VOCAB], old[name][:VOCAB]) and torch.equal(new[name][VOCAB:], after[name][VOCAB:])
 
 
-def test_train_new_rows_needs_an_extended_model(extended, tmp_path):
-    base, _, corpus = extended["llama"]
+def test_bf16_model_with_norm_and_new_rows_merges(tmp_path):
+    """A bf16 checkpoint (as SmolLM2's) trained in fp32: the digests of the norm and the rows are the base's own, so
+    merge accepts it (the norm's digest used to be taken of the fp32 copy, and merge refused the model's own base)."""
+    base = save_tiny_model(tmp_path / "base", "llama", num_layers=3)
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(base)
+    ext = tmp_path / "ext"
+    vocabulary.extend_vocabulary(base, [str(korean_corpus(tmp_path / "ko.jsonl"))], ADD, ext)
+    surgery.detach(ext, "0", tmp_path / "shallow")
+    cfg = TrainConfig(tokens=128, lr=1e-2, batch_size=2, report_to=["none"])
+    train.pretrain(tmp_path / "shallow", [str(tmp_path / "ko.jsonl")], tmp_path / "stage1", cfg, seq_len=32,
+                   train_norm=True, train_new_rows=True)
+    surgery.merge(ext, tmp_path / "stage1", tmp_path / "merged")
+    old, new = weights(ext), weights(tmp_path / "merged")
+    assert new[EMBED].dtype == torch.bfloat16 and torch.equal(new[EMBED][:VOCAB], old[EMBED][:VOCAB])
+    assert not torch.equal(new["model.norm.weight"], old["model.norm.weight"])
+
+
+def test_train_new_rows_needs_an_extended_model(extended, tmp_path, capsys):
+    base, ext, corpus = extended["llama"]
     surgery.detach(base, "0", tmp_path / "shallow")
     with pytest.raises(EloError, match="has no elo_vocab.json; extend it with elo vocab first"):
         train.pretrain(tmp_path / "shallow", [str(corpus)], tmp_path / "out", TrainConfig(tokens=64), seq_len=32,
                        train_new_rows=True)
+    surgery.detach(ext, "0", tmp_path / "ext-shallow")
+    assert cli.main(["pretrain", str(tmp_path / "ext-shallow"), "--data", str(corpus), "--out", str(tmp_path / "s1"),
+                     "--tokens", "64", "--seq-len", "32", "--batch-size", "2", "--train-new-rows"]) == 0
+    assert json.loads((tmp_path / "s1" / checkpoint.PROVENANCE).read_text())["trained_rows"] == {EMBED: [VOCAB, VOCAB + ADD]}
 
 
 def test_chat_vector_on_an_extended_model(extended, tmp_path):
