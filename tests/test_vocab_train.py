@@ -130,6 +130,7 @@ def test_run_with_vocab_extension(extended, tmp_path, monkeypatch):
     final = weights(run / "model")[EMBED]
     assert final.shape[0] == VOCAB + ADD
     assert "vocab" in metrics["stages"] and metrics["eval"]["base"] != metrics["eval"]["final"]
+    assert f"The vocabulary was extended by {ADD} tokens before stage 1" in (run / "report.md").read_text()
     assert json.loads((run / "stages" / "stage1" / checkpoint.PROVENANCE).read_text())["trained_rows"] == {EMBED: [VOCAB, VOCAB + ADD]}
     # the merged model: the base's old rows bit for bit (the alignment trains them all afterwards)
     assert torch.equal(weights(run / "stages" / "merged")[EMBED][:VOCAB], weights(run / "stages" / "vocab")[EMBED][:VOCAB])
