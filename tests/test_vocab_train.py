@@ -69,6 +69,11 @@ def test_stage1_trains_only_the_new_rows_and_merge_writes_them_back(extended, tm
     assert changed == layers | set(rows)  # everything else byte-identical
     for name in rows:
         assert torch.equal(new[name][:VOCAB], old[name][:VOCAB]) and torch.equal(new[name][VOCAB:], after[name][VOCAB:])
+    # the file itself: header and every byte outside the changed tensors' data as the base's
+    before_file, after_file = (bytearray((folder / "model.safetensors").read_bytes()) for folder in (ext, merged))
+    for start, end in (checkpoint.tensor_byte_ranges(ext / "model.safetensors")[n] for n in changed):
+        before_file[start:end] = after_file[start:end] = bytes(end - start)
+    assert before_file == after_file
 
 
 def test_bf16_model_with_norm_and_new_rows_merges(tmp_path):
