@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("shallow", help="shallow model folder from `elo detach`")
     _add_training_options(pretrain, lr=1.5e-5)
     pretrain.add_argument("--train-norm", action="store_true", help="also train the final norm (written back by merge)")
+    pretrain.add_argument("--train-new-rows", action="store_true", help="also train the embedding/head rows elo vocab added (old rows stay)")
 
     merge = sub.add_parser("merge", help="write a shallow model's layers back into its base model")
     merge.add_argument("base", help="the model the shallow one was detached from (folder or hub id)")
@@ -319,7 +320,7 @@ def dispatch(args: argparse.Namespace) -> None:
         print(f"bridges fitted on {used:,} tokens; saved in {args.shallow}")
     elif args.command == "pretrain":
         stats = api.pretrain(args.shallow, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.train_norm,
-                             held_out=_held_out(args))
+                             held_out=_held_out(args), train_new_rows=args.train_new_rows)
         print(_trained(stats, args.out))
     elif args.command == "merge":
         print(api.merge(args.base, args.shallow, args.out))
@@ -330,7 +331,7 @@ def dispatch(args: argparse.Namespace) -> None:
         print(_trained(stats, args.out))
     elif args.command == "finetune":
         stats = api.finetune(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.method, args.layers,
-                             held_out=_held_out(args))
+                             held_out=_held_out(args), train_new_rows=args.train_new_rows)
         print(_trained(stats, args.out))
     elif args.command == "sft":
         stats = api.sft(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.method,

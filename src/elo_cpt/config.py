@@ -97,6 +97,25 @@ class Stage1Config(TrainConfig):
     the residual streams the full model has on either side of each gap) and apply them in stage 1: `auto` takes
     max(4096, 4 x hidden size), 0 turns them off (the paper's method). Costs one forward pass of the full model
     over these tokens; see docs/results.md for the evidence."""
+    train_new_rows: bool = False
+    """Also train the embedding (and untied head) rows of the tokens vocab.add added, the old rows staying exactly as
+    they are (no gradient, no weight decay); written back with the layers (docs/vocab.md). Needs vocab.add > 0, or a
+    model extended by `elo vocab`."""
+
+
+@dataclass
+class VocabConfig:
+    """Vocabulary extension before stage 1 (`elo vocab`): new target-language tokens appended to the model's
+    byte-level BPE, with embedding rows initialised as the mean of their old pieces (docs/vocab.md)."""
+
+    add: int = 0
+    """New tokens to learn and add (e.g. 8000); 0 keeps the model's vocabulary. Stage 1, the write-back, the
+    alignment and stage 3 then use the extended model; the base model is evaluated as it is."""
+    data: list[str] = field(default_factory=list)
+    """Corpora the new tokens are learned from (same formats as data.target); empty: data.target."""
+    ascii_context: bool = False
+    """Let a new token hold ASCII bytes (a leading space, punctuation) next to non-ASCII ones: fewer tokens, but
+    words mixing ASCII and non-ASCII characters may be split differently (`elo vocab --ascii-context`)."""
 
 
 @dataclass
@@ -219,6 +238,8 @@ class RunConfig:
     """Seed for data order and initialisation."""
     data: DataConfig = field(default_factory=DataConfig)
     """Corpora."""
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    """Vocabulary extension before stage 1 (off unless vocab.add > 0)."""
     stage1: Stage1Config = field(default_factory=Stage1Config)
     """ELO stage-1 settings."""
     align: AlignConfig = field(default_factory=AlignConfig)
@@ -326,6 +347,7 @@ def validate(config: RunConfig) -> None:
         (not config.control or config.align.tokens != 0 and (config.align.tokens or config.align.token_ratio > 0),
          "control=true aligns the base model alone to compare with ELO, but the alignment budget is 0; give "
          "align.tokens (or align.token_ratio), or turn control off"),
+        (config.vocab.add >= 0, f"vocab.add must be a number of new tokens >= 0 (0 keeps the vocabulary), not {config.vocab.add}"),
         (config.stage1.bridge_tokens == AUTO or (isinstance(config.stage1.bridge_tokens, int) and config.stage1.bridge_tokens >= 0),
          f"stage1.bridge_tokens must be a token count >= 0 (0 turns bridges off) or {AUTO}, not {config.stage1.bridge_tokens!r}"),
     ]

@@ -155,6 +155,10 @@ class EloTrainer(Trainer):
         self.lean_checkpoints = not sharded
         self.loss_chunk = loss_chunk if not sharded and supports_chunked_loss(self.model, self.args.world_size > 1) else 0
 
+    def get_decay_parameter_names(self, model) -> list[str]:
+        # a tensor whose rows partly stay frozen (`train.train_rows_from`) takes no decay: it would move those rows
+        return [n for n in super().get_decay_parameter_names(model) if not getattr(model.get_parameter(n), "_elo_no_decay", False)]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.loss_chunk:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

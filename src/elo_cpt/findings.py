@@ -173,6 +173,12 @@ def explanations(metrics: dict) -> list[str]:
     target = config.get("target_language")
     name = LANGUAGES.get(target, target)
     notes = []
+    if vocab := metrics.get("vocab"):
+        ratio = (vocab.get("held_out_tokens_per_char") or {}).get(target)
+        notes.append(f"The vocabulary was extended by {vocab['added']:,} tokens before stage 1 (`vocab.add`): every model "
+                     "but the base uses it, the base its own tokenizer; bits/char compares them on the same characters"
+                     + (f" ({name} held-out text: {ratio['before']:.3f} → {ratio['after']:.3f} tokens per character)" if ratio else "")
+                     + ". The new rows start as the mean of their pieces' rows, which costs bits/char until they are trained.")
     merged = change(metrics, "merged", "base", target)
     if merged is not None:
         text = (f"Before alignment, the merged model (the base with stage 1's layers {config.get('layers', '?')} written "
@@ -182,6 +188,7 @@ def explanations(metrics: dict) -> list[str]:
             text += (" Stage 1 trained those layers in a shallow model without the middle layers; written back, they "
                      "receive the middle layers' outputs, which they never trained on, so the merged model can lose "
                      "ground until the alignment fine-tunes the whole model together.")
+            text += " The extended vocabulary's new rows, barely trained yet, add to this." if vocab else ""
         notes.append(text)
     own = change(metrics, "final", "control", target)
     if own is not None:

@@ -1,6 +1,8 @@
 """`elo run`: the whole ELO pipeline in one resumable run folder.
 
     OUT/config.yaml          the resolved configuration (a rerun with another config is refused)
+    OUT/stages/vocab/        with vocab.add: the model with its vocabulary extended (`elo vocab`), which every
+                             later step trains and tokenizes with (the base model is evaluated as it is)
     OUT/data/                the stage-1 and alignment mixtures actually trained on, and their summary
     OUT/stages/stage1/       the trained shallow model (a Hugging Face folder plus provenance)
     OUT/stages/merged/       the base model with the trained layers written back
@@ -36,10 +38,11 @@ import yaml
 from transformers import AutoConfig
 
 from elo_cpt import checkpoint, config as config_mod, corpus, data, distributed, evaluation, files, report, surgery, train
+from elo_cpt import vocabulary
 from elo_cpt import pipeline_stage3 as stage3
 from elo_cpt.config import RunConfig
 from elo_cpt.demo import assets, chats
-from elo_cpt.pipeline_eval import check_eval_settings, finish_run, print_report
+from elo_cpt.pipeline_eval import VOCAB_DIR, check_eval_settings, finish_run, print_report
 from elo_cpt.stageclock import Timings
 from elo_cpt.errors import EloError
 
@@ -112,6 +115,9 @@ def with_token_budget(cfg: RunConfig, out: Path | None = None) -> RunConfig:
     for the same data), and an unset alignment budget capped at one pass over the held-out alignment part."""
     if cfg.stage1.tokens is not None:
         return cfg
+    if cfg.vocab.add:  # the budget is counted in the extended tokenizer's tokens, which do not exist yet
+        raise EloError("vocab.add with your own corpora needs stage1.tokens (tokens of the extended tokenizer, e.g. "
+                       "stage1.tokens=2000000); one pass over the corpora is not sized for an extended vocabulary yet")
     recorded = yaml.safe_load((out / "config.yaml").read_text()) if out and (out / "config.yaml").is_file() else None
     resolved = config_mod.to_dict(cfg)
     if recorded and all(recorded.get(k) == resolved[k] for k in ("model", "data", "seq_len")):
@@ -225,6 +231,7 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
     data_dir = out / "data"
     data_summary = json.loads((data_dir / "summary.json").read_text())
     timings = Timings(out / "timings.json", write=distributed.is_main())
+    base_cfg, cfg = cfg, extended(cfg, out)  # from here on the model trained is the extended one (vocab.add)
 
     merged = stage1_and_merge(cfg, data_dir / "stage1.jsonl", out / "stages", timings)
     model_dir = out / "model"
@@ -246,7 +253,32 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
             train.finetune(cfg.model, [str(data_dir / "align.jsonl")], control, align_cfg, cfg.seq_len, cfg.seed,
                            method=cfg.align.method, layers=cfg.layers, held_out=cfg.data.eval)
     stage3.run_stage3(cfg, out, timings)
-    return distributed.main_only(finish_run, cfg, out, resolved, data_summary, timings, checked.get("tasks"), started)
+    return distributed.main_only(finish_run, base_cfg, out, resolved, data_summary, timings, checked.get("tasks"), started)
+
+
+def extended(cfg: RunConfig, out: Path) -> RunConfig:
+    """`cfg` with the model every step after the vocabulary extension trains: OUT/stages/vocab with vocab.add."""
+    return replace(cfg, model=str(out / VOCAB_DIR)) if cfg.vocab.add else cfg
+
+
+def vocab_step(cfg: RunConfig, out: Path, resolved: dict) -> None:
+    """Extend the model's vocabulary into OUT/stages/vocab (vocab.add new tokens learned from vocab.data, or else
+    data.target), once; an error in a run folder this call made leaves no run folder."""
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(out / "config.yaml", resolved)  # a run interrupted from here on is resumed
+        sources = cfg.vocab.data or cfg.data.target
+        log(f"[0/6] extending the vocabulary of {cfg.model} by {cfg.vocab.add:,} tokens learned from {', '.join(sources)}")
+        with Timings(out / "timings.json").step("vocab"):
+            summary = vocabulary.extend_vocabulary(cfg.model, sources, cfg.vocab.add, out / VOCAB_DIR,
+                                                   ascii_context=cfg.vocab.ascii_context)
+        log(f"vocabulary {summary['vocab_size']:,} rows; tokens per character of the training text "
+            f"{summary['tokens_per_char_before']:.3f} -> {summary['tokens_per_char_after']:.3f}")
+    except Exception:
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dict | None:
@@ -286,7 +318,7 @@ def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dic
     n_layers = surgery.num_layers(AutoConfig.from_pretrained(model_dir))
     checkpoint.load_tokenizer(cfg.model)  # a model folder without a tokenizer fails here, not after the data is built
     # the merged and the final model are full copies of the base (the shallow ones and the data are far smaller)
-    copies = sum(not (out / part).is_dir() for part in ("stages/merged", "model"))
+    copies = sum(not (out / part).is_dir() for part in ("stages/merged", "model", *([VOCAB_DIR] if cfg.vocab.add else [])))
     copies += sum(not folder.is_dir() for folder in stage3.model_dirs(cfg, out))
     checkpoint.check_output(out, needed_bytes=copies * checkpoint.folder_bytes(model_dir))
     surgery.resolve_layers(cfg.layers, n_layers)
@@ -296,12 +328,18 @@ def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dic
         evaluation.read_eval_text(path)
     checked["tasks"] = check_eval_settings(cfg)
     stage3.check_stage3(cfg)
+    if cfg.stage1.train_new_rows and not cfg.vocab.add and vocabulary.new_rows(model_dir) is None:
+        raise EloError(f"stage1.train_new_rows=true trains the rows of the tokens vocab.add adds, but vocab.add is 0 and "
+                       f"{cfg.model} was not extended by elo vocab; set vocab.add (e.g. 8000), or leave train_new_rows false")
     data_dir = out / "data"
+    if cfg.vocab.add and not (out / VOCAB_DIR).is_dir():
+        with checkpoint.new_parents(out):
+            vocab_step(cfg, out, resolved)
     if not (data_dir / "summary.json").is_file():
         log("[1/6] preparing the stage-1 and alignment mixtures")
         # built beside the run folder and moved in when complete: bad corpora leave no output
         with checkpoint.new_parents(out):  # parent folders made for the run are removed if this step fails
-            build_data(cfg, out, resolved)
+            build_data(extended(cfg, out), out, resolved)
     write_config(config_path, resolved)
     return None
 
@@ -352,7 +390,8 @@ def stage1_and_merge(cfg: RunConfig, stage1_data: Path, folder: Path, timings: T
         log(f"[3/6] ELO stage 1: training layers {cfg.layers} of the shallow model on {cfg.stage1.tokens:,} tokens")
         with timings.step("stage1"):
             train.pretrain(shallow, [str(stage1_data)], stage1, cfg.stage1, cfg.seq_len, cfg.seed,
-                           train_norm=cfg.stage1.train_norm, held_out=cfg.data.eval)
+                           train_norm=cfg.stage1.train_norm, held_out=cfg.data.eval,
+                           train_new_rows=cfg.stage1.train_new_rows)
     distributed.main_only(merge_step, cfg, shallow, stage1, merged, timings)
     return merged
 

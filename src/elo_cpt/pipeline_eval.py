@@ -19,12 +19,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from elo_cpt import chateval, checkpoint, evaluation, files, findings, lmeval, modelcard, precision as precision_mod, report, samples, train
+from elo_cpt import vocabulary
 from elo_cpt import pipeline_stage3 as stage3
 from elo_cpt.config import RunConfig, elo_version
 from elo_cpt.stageclock import Timings
 
 
 log = logging.getLogger(__name__).info  # shown by the `elo` command (distributed.setup_logging)
+#: Where a run with vocab.add keeps its model with the extended vocabulary (`pipeline.vocab_step`).
+VOCAB_DIR = "stages/vocab"
 
 
 def finish_run(cfg: RunConfig, out: Path, resolved: dict, data_summary: dict, timings: Timings,
@@ -69,6 +72,7 @@ def finish_run(cfg: RunConfig, out: Path, resolved: dict, data_summary: dict, ti
         "samples": {name: found for name, found in samples_out.items() if found},
         **({"lm_eval": benchmarks} if benchmarks else {}),
         "chat": chat_metrics(cfg, chat, chat_results),
+        **({"vocab": vocab_metrics(cfg, out)} if cfg.vocab.add else {}),
         "environment": environment(stages),
         "total_seconds": round(sum(timings.seconds.values()), 1),
         "this_invocation_seconds": round(time.perf_counter() - started, 1),
@@ -85,6 +89,16 @@ def finish_run(cfg: RunConfig, out: Path, resolved: dict, data_summary: dict, ti
     print(report.summary(metrics))
     print_report(out)
     return metrics
+
+
+def vocab_metrics(cfg: RunConfig, out: Path) -> dict:
+    """metrics.json's `vocab`: the extension's summary (`elo_vocab.json` without its token list) and the tokens per
+    character of each held-out text, as bits/char reads it (eval.max_chars), with the base and extended tokenizers."""
+    folder = out / VOCAB_DIR
+    summary = json.loads((folder / vocabulary.VOCAB_FILE).read_text(encoding="utf-8"))
+    texts = {lang: evaluation.read_eval_text(path, cfg.eval.max_chars) for lang, path in cfg.data.eval.items()}
+    return {**{k: v for k, v in summary.items() if k != "new_tokens"}, "held_out_tokens_per_char":
+            vocabulary.held_out_tokens_per_char(checkpoint.load_tokenizer(cfg.model), checkpoint.load_tokenizer(folder), texts)}
 
 
 def drop_intermediate(out: Path) -> None:

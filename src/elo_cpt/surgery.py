@@ -275,7 +275,8 @@ def merge(base_dir: str | Path, shallow_dir: str | Path, out: str | Path, overwr
     """Write the base model with the shallow model's layers back in their original positions.
 
     Each base shard is copied byte for byte except the trained layers' tensors, which are read one at a time
-    from the shallow model and cast to the base's dtype: peak memory is about one tensor. The shard layout,
+    from the shallow model and cast to the base's dtype: peak memory is about one tensor. Of a tensor whose new
+    vocabulary rows alone trained (provenance `trained_rows`), only those rows are taken. The shard layout,
     index, config and tokenizer are carried over.
     """
     checkpoint.check_output(out, overwrite=overwrite)
@@ -289,7 +290,8 @@ def merge(base_dir: str | Path, shallow_dir: str | Path, out: str | Path, overwr
     with checkpoint.tensor_reader(shallow_dir) as read_trained, checkpoint.atomic_output(out, overwrite=overwrite) as staging:
         for shard in checkpoint.safetensors_files(base_dir):
             replacements = {
-                base: functools.partial(_trained_tensor, read_trained, own, *originals[base])
+                base: functools.partial(_trained_tensor, read_trained, own, *originals[base],
+                                        rows=provenance.get("trained_rows", {}).get(own), base_dir=base_dir)
                 for own, base in to_base.items()
                 if base_locations[base] == shard
             }
@@ -326,12 +328,16 @@ def _another_base(base_dir: Path, shallow_dir: Path, provenance: dict, tensor: s
     )
 
 
-def _trained_tensor(read: Callable[[str], torch.Tensor], name: str, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+def _trained_tensor(read: Callable[[str], torch.Tensor], name: str, dtype: torch.dtype, shape: torch.Size,
+                    rows: list[int] | None = None, base_dir: Path | None = None) -> torch.Tensor:
     tensor = read(name)
     if tensor.shape != shape:
         raise EloError(f"trained tensor {name} has shape {tuple(tensor.shape)}, the base {tuple(shape)}; merge into the model it came from")
-    # Training may run in another precision than the checkpoint's (fp32 on CPU, bf16 on GPU).
-    return tensor.to(dtype)
+    if rows is None:  # training may run in another precision than the checkpoint's (fp32 on CPU, bf16 on GPU)
+        return tensor.to(dtype)
+    merged = checkpoint.read_tensors(base_dir, [name])[name]  # the base's rows, with the trained new ones
+    merged[rows[0]:rows[1]] = tensor[rows[0]:rows[1]].to(dtype)
+    return merged
 
 
 # ------------------------------------------------------------------ bridges

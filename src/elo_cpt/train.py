@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import AutoConfig, PreTrainedModel
 
-from elo_cpt import chattokens, checkpoint, data, distributed, evaluation, files, surgery
+from elo_cpt import chattokens, checkpoint, data, distributed, evaluation, files, surgery, vocabulary
 from elo_cpt import precision as precision_mod
 from elo_cpt.config import AUTO, FINETUNE_METHODS, TrainConfig, bridge_token_count, check_seq_len, validate_train
 from elo_cpt.engine import StageStats, last_complete_checkpoint, run_trainer
@@ -154,26 +154,36 @@ def pretrain(
     seed: int = 0,
     train_norm: bool = False,
     held_out: dict[str, str | Path] | None = None,
+    train_new_rows: bool = False,
 ) -> StageStats:
     """ELO stage 1: train the decoder layers of a shallow model (from `elo detach`) and save it to `out`.
 
     Layers detached as frozen stay frozen, bridges fitted by `surgery.add_bridges` are applied (frozen);
-    `train_norm` also trains the final norm (written back by `merge`).
+    `train_norm` also trains the final norm, `train_new_rows` the embedding (and untied head) rows `elo vocab`
+    added, the old rows staying exactly as they are (`train_rows_from`); `merge` writes them back with the layers.
     """
     shallow_dir = checkpoint.require_model_dir(shallow_dir)
     provenance = {**checkpoint.read_provenance(shallow_dir), "stage1_config": asdict(cfg or TrainConfig())}
+    rows = vocabulary.new_rows(provenance["base_model"]) if train_new_rows else None
+    if train_new_rows and rows is None:
+        raise EloError(f"--train-new-rows trains the rows `elo vocab` added, but {provenance['base_model']} (the model "
+                       f"{shallow_dir} was detached from) has no {vocabulary.VOCAB_FILE}; extend it with elo vocab first")
 
     def prepare(model: PreTrainedModel) -> PreTrainedModel:
         kept = provenance["layers"]
         train_only_layers(model, [kept.index(layer) for layer in provenance.get("trained_layers", kept)])
         surgery.apply_bridges(model, shallow_dir)
-        if train_norm:
+        names = surgery.final_norm_names(model) if train_norm else []
+        if rows is not None:
+            trained_rows = train_rows_from(model, rows[0])
+            provenance["trained_rows"] = {name: [rows[0], rows[1]] for name in trained_rows}
+            names += trained_rows
+        if names:
             params = dict(model.named_parameters())
-            names = surgery.final_norm_names(model)
-            # The originals' digests let `merge` refuse a base the norm did not come from, as for the layers.
+            # The base's own tensors' digests let `merge` refuse a base they did not come from, as for the layers.
             provenance["trained_tensors"] = names
-            provenance["replaced_digests"] = {**provenance["replaced_digests"],
-                                              **{n: checkpoint.tensor_digest(params[n].detach()) for n in names}}
+            provenance["replaced_digests"] = {**provenance["replaced_digests"], **{
+                n: checkpoint.tensor_digest(t) for n, t in checkpoint.iter_tensors(Path(provenance["base_model"]), names)}}
             for name in names:
                 params[name].requires_grad_(True)
         return model
@@ -183,6 +193,26 @@ def pretrain(
 
     return _run_stage(shallow_dir, sources, out, cfg or TrainConfig(), seq_len, seed, prepare, save, provenance=provenance,
                       held_out=held_out)
+
+
+def train_rows_from(model: PreTrainedModel, first: int) -> list[str]:
+    """Let the embedding rows from `first` on (and an untied head's) train while the rows before stay bit for bit:
+    their gradient is zeroed after each backward pass, and the tensors take no weight decay (AdamW's decoupled decay
+    would shrink rows without a gradient too; `EloTrainer` leaves out parameters marked `_elo_no_decay`). Returns
+    the names of the tensors."""
+    weights = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not weights[0]:
+        weights.append(head.weight)
+
+    def keep_old_rows(weight: torch.Tensor) -> None:
+        weight.grad[:first] = 0
+
+    for weight in weights:
+        weight.requires_grad_(True)
+        weight._elo_no_decay = True
+        weight.register_post_accumulate_grad_hook(keep_old_rows)
+    return [name for name, p in model.named_parameters() if any(p is w for w in weights)]
 
 
 def bridge(shallow_dir: str | Path, sources: list[str], tokens: int | str = AUTO, seq_len: int = 256,

@@ -245,3 +245,20 @@ def extend_vocabulary(model: str | Path, sources: list[str] | str, add: int, out
         }
         files.write_json(staging / VOCAB_FILE, summary)
     return summary
+
+
+def new_rows(model_dir: str | Path) -> tuple[int, int] | None:
+    """The embedding rows `elo vocab` added to the model in `model_dir` as (first new id, rows), the new tokens'
+    rows being first..rows-1; None for a model it did not extend."""
+    path = Path(model_dir) / VOCAB_FILE
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return int(summary["first_new_id"]), int(summary["vocab_size"])
+
+
+def held_out_tokens_per_char(before, after, texts: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Tokens per character of each text ({language: text}) with the `before` and `after` tokenizers."""
+    return {lang: {"before": round(len(before(text, add_special_tokens=False)["input_ids"]) / max(len(text), 1), 4),
+                   "after": round(len(after(text, add_special_tokens=False)["input_ids"]) / max(len(text), 1), 4)}
+            for lang, text in texts.items()}
