@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 from transformers import AutoConfig
 
-from elo_cpt import checkpoint, config as config_mod, corpus, data, distributed, evaluation, files, report, surgery, train
+from elo_cpt import checkpoint, config as config_mod, corpus, data, distributed, evaluation, files, layerprobe, report, surgery, train
 from elo_cpt import pipeline_stage3 as stage3
 from elo_cpt.config import RunConfig
 from elo_cpt.demo import assets, chats
@@ -224,6 +224,9 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
         return finished
     data_dir = out / "data"
     data_summary = json.loads((data_dir / "summary.json").read_text())
+    if config_mod.probe_size(cfg.layers):  # `layers: probe`: measured once, cached in out/probe
+        cfg = distributed.main_only(layerprobe.probe_layers, cfg, out)
+        resolved = {**resolved, "probed_layers": cfg.layers}  # metrics.json and the report name the layers trained
     timings = Timings(out / "timings.json", write=distributed.is_main())
 
     merged = stage1_and_merge(cfg, data_dir / "stage1.jsonl", out / "stages", timings)
@@ -289,7 +292,11 @@ def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dic
     copies = sum(not (out / part).is_dir() for part in ("stages/merged", "model"))
     copies += sum(not folder.is_dir() for folder in stage3.model_dirs(cfg, out))
     checkpoint.check_output(out, needed_bytes=copies * checkpoint.folder_bytes(model_dir))
-    surgery.resolve_layers(cfg.layers, n_layers)
+    probed = config_mod.probe_size(cfg.layers)
+    if probed is None:
+        surgery.resolve_layers(cfg.layers, n_layers)
+    elif probed > n_layers:
+        raise EloError(f"layers {cfg.layers!r} asks for {probed} layers of a model with {n_layers}")
     if cfg.stage1.frozen_layers:
         surgery.resolve_layers(cfg.stage1.frozen_layers, n_layers)
     for path in cfg.data.eval.values():

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import yaml
 
-from elo_cpt import checkpoint, config as config_mod, costmodel, distributed, files, pipeline, pipeline_eval, surgery, train
+from elo_cpt import checkpoint, config as config_mod, costmodel, distributed, files, layerprobe, pipeline, pipeline_eval, surgery, train
 from elo_cpt.config import RunConfig
 from elo_cpt.errors import EloError
 from elo_cpt.stageclock import Timings
@@ -170,10 +170,16 @@ def _shape(cfg: RunConfig) -> costmodel.Shape:
     return costmodel.Shape.from_config(AutoConfig.from_pretrained(checkpoint.require_model_dir(cfg.model, weights=False)))
 
 
+def _planned_layers(cfg: RunConfig, n_layers: int) -> list[int]:
+    """The layers a cell trains, for its cost; `layers: probe:K` is not measured yet, so K layers stand in."""
+    k = config_mod.probe_size(cfg.layers)
+    return surgery.resolve_layers(cfg.layers, n_layers) if k is None else list(range(min(k, n_layers)))
+
+
 def elo_plan(cfg: RunConfig) -> dict:
     """Tokens and cost-model FLOPs of an ELO run: stage 1 on the shallow model, then alignment on the whole one."""
     shape = _shape(cfg)
-    layers = surgery.resolve_layers(cfg.layers, shape.num_layers)
+    layers = _planned_layers(cfg, shape.num_layers)
     frozen = surgery.resolve_layers(cfg.stage1.frozen_layers, shape.num_layers) if cfg.stage1.frozen_layers else []
     stage1, align = cfg.stage1.tokens or 0, pipeline.align_tokens(cfg)
     align_method = {"fft": "align"}.get(cfg.align.method, cfg.align.method)
@@ -194,7 +200,7 @@ def plan(study: Study, cell: Cell) -> dict:
         return elo_plan(cfg)
     reference = elo_plan(pipeline.resolve_defaults(cell_config(study, study.cell(cell.reference))))
     shape = _shape(cfg)
-    layers = surgery.resolve_layers(cfg.layers, shape.num_layers)
+    layers = _planned_layers(cfg, shape.num_layers)
     if cell.method == "control":
         per_token = costmodel.step_cost(shape, "fft", layers).flops_per_token
         return {"tokens": reference["align_tokens"], "flops": reference["align_tokens"] * per_token}
@@ -343,6 +349,7 @@ def run_cell(out: str | Path, name: str) -> dict:
     folder = out / "cells" / name
     planned = json.loads((folder / "cell.json").read_text())["plan"]
     cfg = distributed.main_only(pipeline.resolve_defaults, cell_config(parsed, cell))
+    cfg = distributed.main_only(layerprobe.probe_layers, cfg, folder)  # `layers: probe`: measured once per cell
     model_dir = folder / "model"
     stages: dict[str, dict] = {}
     evaluated: dict[str, dict] = {}

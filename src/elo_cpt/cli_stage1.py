@@ -1,0 +1,33 @@
+"""The `elo` subcommands that choose or prepare what stage 1 trains with: `elo probe` (which layers) and
+`elo emulator` (a distilled stand-in for the removed middle). Split from cli.py, which calls `add_parsers` and
+`dispatch`."""
+
+from __future__ import annotations
+
+import argparse
+
+DATA_HELP = "target-language text: a .txt, .jsonl or .parquet file, a folder, a glob or hf:NAME (docs/data.md); repeat to mix"
+
+
+def add_parsers(sub) -> None:
+    probe = sub.add_parser("probe", help="per-layer importance (block influence, gradient norm) on target and English "
+                                         "text, and a suggested layer set (docs/probe.md)")
+    probe.add_argument("model", help="Hugging Face model folder (safetensors) or hub id")
+    probe.add_argument("--data", action="append", required=True, metavar="SOURCE", help=DATA_HELP)
+    probe.add_argument("--english", action="append", metavar="SOURCE", help="English text to compare with (same formats)")
+    probe.add_argument("--tokens", type=int, default=8192, help="tokens per language (default 8192)")
+    probe.add_argument("--layers", type=int, default=2, metavar="K", help="size of the suggested layer set (default 2)")
+    probe.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    probe.add_argument("--language", default="target", help="code of the target language, for the table and JSON")
+    probe.add_argument("--out", help="folder for probe.json and probe.png (default: print only)")
+
+
+def dispatch(args: argparse.Namespace, api) -> bool:
+    """Run `args.command` if it is one of this module's; whether it was."""
+    if args.command == "probe":
+        from elo_cpt.layerprobe import format_table
+
+        result = api.probe(args.model, args.data, args.english, args.tokens, args.seq_len, args.layers, args.out, args.language)
+        print(format_table(result))
+        return True
+    return False
