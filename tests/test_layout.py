@@ -14,7 +14,7 @@ LEVELS = {
     0: {"errors", "config", "configparse", "checkpoint", "costmodel", "demo", "report", "report_figures",
         "study_report", "samples", "precision", "hub", "distributed", "modelcard", "findings", "files", "report_chat"},
     1: {"corpus", "tokencache", "data", "surgery", "stageclock", "chatvector", "chatdata", "chattokens", "vocabulary"},
-    2: {"engine", "train", "evaluation", "lmeval", "chateval", "layerprobe"},
+    2: {"engine", "train", "evaluation", "lmeval", "chateval", "layerprobe", "emulation"},
     3: {"pipeline", "pipeline_eval", "pipeline_stage3", "study_runner", "benchmark"},
     4: {"cli", "cli_stage1", "__init__", "__main__"},
 }
