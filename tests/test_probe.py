@@ -75,3 +75,10 @@ def test_layers_probe_resolves_in_a_run(tiny_model, corpora, tmp_path):
     assert cached.layers == probed["suggested_spec"]
     with pytest.raises(EloError, match="asks for 9 layers of a model with 5"):
         pipeline.run(tiny_run_config(tiny_model, corpora, "layers=probe:9"), tmp_path / "other")
+
+
+def test_a_study_plans_a_probed_cell_with_stand_in_layers(tiny_model, corpora):
+    from elo_cpt import study_runner
+
+    probed = study_runner.elo_plan(pipeline.resolve_defaults(tiny_run_config(tiny_model, corpora, "layers=probe:3")))
+    assert probed == study_runner.elo_plan(pipeline.resolve_defaults(tiny_run_config(tiny_model, corpora, "layers=0,1,-1")))
