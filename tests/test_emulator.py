@@ -25,10 +25,12 @@ def _rows(seed: int, n: int = 8) -> torch.Tensor:
     return torch.randint(0, 200, (n, 32), generator=torch.Generator().manual_seed(seed))
 
 
-def test_distillation_lowers_the_error_against_the_teacher(tiny_model):
-    folder, info = emulation.build_emulator(tiny_model, "0,-1", 2, _rows(0, 24), lr=1e-3)
+@pytest.mark.parametrize("loss", emulation.LOSSES)
+def test_distillation_lowers_the_error_against_the_teacher(tiny_model, loss):
+    folder, info = emulation.build_emulator(tiny_model, "0,-1", 2, _rows(0, 24), lr=1e-3, loss=loss)
     assert info["sources"] == [1, 3] and info["gap"] == [0, 4] and info["steps"] == 5
     assert info["error_after"] < info["error_before"] and info["train_loss_last"] < info["train_loss_first"]
+    assert info["token_error_after"] < info["token_error_before"] and info["cosine_after"] > info["cosine_before"]
     stored = safetensors.torch.load_file(folder / emulation.TENSORS)
     assert stored and all(name.split(".")[2] in ("1", "3") for name in stored)
 
@@ -40,9 +42,11 @@ def test_the_cache_is_reused_and_keyed_by_every_input(tiny_model, tmp_path, monk
                 (tiny_model, "0,-1", 2, _rows(0, 12)),   # the budget
                 (tiny_model, "0,-1", 3, _rows(0)),       # k
                 (tiny_model, "0,1,-1", 2, _rows(0)),     # the layer set
-                (other_base, "0,-1", 2, _rows(0))]       # the base model
+                (other_base, "0,-1", 2, _rows(0)),       # the base model
+    (tiny_model, "0,-1", 2, _rows(0), 1e-3),  # the learning rate
+    (tiny_model, "0,-1", 2, _rows(0), emulation.EMULATOR_LR, 0, "relative")]  # the loss
     folders = {emulation.build_emulator(*variant)[0] for variant in variants}
-    assert len(folders | {first}) == 6
+    assert len(folders | {first}) == 8
 
     def no_distillation(*args, **kwargs):
         raise AssertionError("distilled again")
@@ -55,6 +59,7 @@ def test_the_cache_is_reused_and_keyed_by_every_input(tiny_model, tmp_path, monk
     ("0,-1", 4, "stage1.emulator_layers=4 must be between 1 and the 3 removed middle layers (1..3)"),
     ("0,2,-1", 1, "leave 2; turn the emulator off"),
     ("0:2", 1, "leave 0; turn the emulator off"),
+    ("0,-1", 0, "between 1 and the 3 removed middle layers"),
 ])
 def test_bad_emulators_are_refused(tiny_model, layers, k, message):
     with pytest.raises(EloError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -29,6 +29,9 @@ def add_parsers(sub) -> None:
                           "mixture in elo run), same formats as elo probe")
     emulator.add_argument("--tokens", type=int, default=65536, help="distillation tokens (default 65536)")
     emulator.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    emulator.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (default 1e-4)")
+    emulator.add_argument("--loss", choices=("mse", "relative"), default="mse", help="mse on the residual stream, or each "
+                          "token's relative squared error (default mse)")
     emulator.add_argument("--out", help="also write the shallow model with the emulator here, for elo pretrain")
 
 
@@ -41,9 +44,11 @@ def dispatch(args: argparse.Namespace, api) -> bool:
         print(format_table(result))
         return True
     if args.command == "emulator":
-        info = api.emulator(args.model, args.layers, args.emulator_layers, args.data, args.out, args.tokens, args.seq_len)
+        info = api.emulator(args.model, args.layers, args.emulator_layers, args.data, args.out, args.tokens, args.seq_len,
+                            args.lr, loss=args.loss)
         print(f"emulator of layers {info['sources']} (for the removed {info['gap'][0] + 1}..{info['gap'][1] - 1}): relative "
-              f"error {info['error_before']:.4f} -> {info['error_after']:.4f} (no emulator {info['error_skip']:.4f}); "
+              f"error {info['error_before']:.4f} -> {info['error_after']:.4f} (no emulator {info['error_skip']:.4f}), per token "
+              f"{info['token_error_before']:.4f} -> {info['token_error_after']:.4f} (no emulator {info['token_error_skip']:.4f}); "
               f"cached in {info['cache']}" + (f"; shallow model in {info['shallow']}" if info["shallow"] else ""))
         return True
     return False

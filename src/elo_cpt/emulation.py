@@ -30,6 +30,10 @@ from elo_cpt.errors import EloError
 log = logging.getLogger(__name__).info
 
 EMULATOR_LR = 1e-4
+#: Distillation losses: `mse` on the residual stream, or `relative`: each token's ||s - t||^2 / ||t||^2, averaged (the
+#: stream's norm differs by orders of magnitude between tokens: SmolLM2's first position, an attention sink, holds
+#: about half of its squared norm entering the last layer).
+LOSSES = ("mse", "relative")
 BATCH = 4
 CACHE_DIR = "emulators"
 TENSORS, INFO = "emulator.safetensors", "emulator.json"
@@ -85,15 +89,17 @@ def distillation_rows(model_dir: Path, sources: list[str], tokens: int, seq_len:
 
 
 def build_emulator(model: str | Path, layers: str, k: int, rows: torch.Tensor, lr: float = EMULATOR_LR,
-                   seed: int = 0) -> tuple[Path, dict]:
+                   seed: int = 0, loss: str = "mse") -> tuple[Path, dict]:
     """The cached emulator of `layers` (a layer spec of what stage 1 trains) with `k` layers distilled on `rows`:
     its cache folder and its record, distilled now if the cache has no such emulator."""
+    if loss not in LOSSES:
+        raise EloError(f"the emulator's loss must be one of {', '.join(LOSSES)}, not {loss!r}")
     model_dir = checkpoint.require_model_dir(model)
     n = surgery.num_layers(AutoConfig.from_pretrained(model_dir))
     trained = surgery.resolve_layers(layers, n)
     (a, b), picks = emulator_sources(trained, n, k)
     key = {"version": VERSION, "base": model_digest(model_dir, b), "layers": trained, "k": k, "sources": picks,
-           "rows": checkpoint.tensor_digest(rows), "tokens": rows.numel(), "seq_len": rows.shape[1], "lr": lr, "seed": seed}
+           "rows": checkpoint.tensor_digest(rows), "tokens": rows.numel(), "seq_len": rows.shape[1], "lr": lr, "seed": seed, "loss": loss}
     folder = files.cache_root() / CACHE_DIR / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     if (folder / INFO).is_file():
         log(f"emulator of layers {picks} found in the cache: {folder}")
@@ -102,7 +108,7 @@ def build_emulator(model: str | Path, layers: str, k: int, rows: torch.Tensor, l
     started = time.perf_counter()
     student, provenance = surgery.build_shallow(model_dir, _spec(trained), _spec(picks))
     teacher = checkpoint.load_model(model_dir, torch.float32).eval()
-    stats = _distill(teacher, student.float(), provenance["layers"], (a, b), picks, rows, lr, seed)
+    stats = _distill(teacher, student.float(), provenance["layers"], (a, b), picks, rows, lr, seed, loss)
     prefix = provenance["layer_prefix"]
     to_base = surgery.layer_key_map(prefix, provenance["layers"], list(student.state_dict()))
     emulator_names = {own: base for own, base in to_base.items() if int(base[len(prefix) + 1:].split(".")[0]) in picks}
@@ -120,7 +126,7 @@ def build_emulator(model: str | Path, layers: str, k: int, rows: torch.Tensor, l
 
 
 def _distill(teacher: PreTrainedModel, student: PreTrainedModel, kept: list[int], gap: tuple[int, int], picks: list[int],
-             rows: torch.Tensor, lr: float, seed: int) -> dict:
+             rows: torch.Tensor, lr: float, seed: int, loss_name: str = "mse") -> dict:
     """Train the student's emulator layers so the stream they hand to base layer b matches the teacher's, given the
     teacher's stream entering the middle. Errors are ||s - t||^2 / ||t||^2 on a held-out batch of `rows` (the last,
     when there are two or more)."""
@@ -164,20 +170,28 @@ def _distill(teacher: PreTrainedModel, student: PreTrainedModel, kept: list[int]
             forward(teacher, ids)
         streams["in"], streams["target"] = streams["in"].detach().float(), streams["target"].detach().float()
         forward(student, ids)
+        if loss_name == "relative":
+            return _token_errors(streams["out"].float(), streams["target"]).mean()
         return torch.nn.functional.mse_loss(streams["out"].float(), streams["target"])
 
-    def errors(ids: torch.Tensor) -> tuple[float, float]:
+    def errors(ids: torch.Tensor) -> dict[str, float]:
         with torch.no_grad():
-            loss = step(ids)
-            scale = streams["target"].pow(2).mean()
-            return float(loss / scale), float((streams["in"] - streams["target"]).pow(2).mean() / scale)
+            step(ids)
+            out, target, entering = streams["out"].float(), streams["target"], streams["in"]
+            scale = target.pow(2).mean()
+            cosine = torch.nn.functional.cosine_similarity
+            return {"error": float((out - target).pow(2).mean() / scale),
+                    "skip": float((entering - target).pow(2).mean() / scale),
+                    "token_error": float(_token_errors(out, target).mean()),
+                    "token_skip": float(_token_errors(entering, target).mean()),
+                    "cosine": float(cosine(out, target, dim=-1).mean()), "cosine_skip": float(cosine(entering, target, dim=-1).mean())}
 
     batches = rows.to(device).split(BATCH)
     held_out, training = (batches[-1], batches[:-1]) if len(batches) > 1 else (batches[0], batches)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     try:
-        before, skip = errors(held_out)
+        before = errors(held_out)
         losses = []
         for ids in training:
             loss = step(ids)
@@ -186,12 +200,20 @@ def _distill(teacher: PreTrainedModel, student: PreTrainedModel, kept: list[int]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
-        after, _ = errors(held_out)
+        after = errors(held_out)
     finally:
         for handle in handles:
             handle.remove()
-    return {"error_before": before, "error_after": after, "error_skip": skip, "steps": len(training),
-            "train_loss_first": losses[0], "train_loss_last": losses[-1]}
+    return {"error_before": before["error"], "error_after": after["error"], "error_skip": before["skip"],
+            "token_error_before": before["token_error"], "token_error_after": after["token_error"],
+            "token_error_skip": before["token_skip"], "cosine_before": before["cosine"], "cosine_after": after["cosine"],
+            "cosine_skip": before["cosine_skip"], "steps": len(training), "train_loss_first": losses[0],
+            "train_loss_last": losses[-1]}
+
+
+def _token_errors(stream: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||s - t||^2 / ||t||^2 of every token."""
+    return (stream - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-12)
 
 
 def load_emulator(model: PreTrainedModel, provenance: dict, folder: Path) -> int:
@@ -212,7 +234,8 @@ def load_emulator(model: PreTrainedModel, provenance: dict, folder: Path) -> int
 
 
 def emulator(model: str | Path, layers: str, k: int, sources: list[str], out: str | Path | None = None, tokens: int = 65536,
-             seq_len: int = 256, lr: float = EMULATOR_LR, seed: int = 0, max_tokens: int | None = None) -> dict:
+             seq_len: int = 256, lr: float = EMULATOR_LR, seed: int = 0, max_tokens: int | None = None,
+             loss: str = "mse") -> dict:
     """`elo emulator`: distil (or find in the cache) the k-layer emulator of the middle that training `layers` of
     `model` removes, on the first `tokens` tokens of `sources` (at most `max_tokens`); with `out`, also write the
     shallow model (the layers to train around the frozen emulator) there, for `elo pretrain`. Returns its record,
@@ -223,7 +246,7 @@ def emulator(model: str | Path, layers: str, k: int, sources: list[str], out: st
     if out is not None:
         checkpoint.check_output(out)
     rows = distillation_rows(model_dir, sources, min(tokens, max_tokens or tokens), seq_len)
-    folder, info = build_emulator(model_dir, layers, k, rows, lr, seed)
+    folder, info = build_emulator(model_dir, layers, k, rows, lr, seed, loss)
     if out is not None:
         shallow, provenance = surgery.build_shallow(model_dir, layers, _spec(info["sources"]))
         load_emulator(shallow, provenance, folder)
