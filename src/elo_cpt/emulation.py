@@ -29,7 +29,7 @@ from elo_cpt.errors import EloError
 
 log = logging.getLogger(__name__).info
 
-EMULATOR_LR = 1e-4
+EMULATOR_LR = 1e-3
 #: Distillation losses: `mse` on the residual stream, or `relative`: each token's ||s - t||^2 / ||t||^2, averaged (the
 #: stream's norm differs by orders of magnitude between tokens: SmolLM2's first position, an attention sink, holds
 #: about half of its squared norm entering the last layer).
