@@ -44,7 +44,7 @@ def test_the_cache_is_reused_and_keyed_by_every_input(tiny_model, tmp_path, monk
                 (tiny_model, "0,1,-1", 2, _rows(0)),     # the layer set
                 (other_base, "0,-1", 2, _rows(0)),       # the base model
     (tiny_model, "0,-1", 2, _rows(0), 1e-4),  # the learning rate
-    (tiny_model, "0,-1", 2, _rows(0), emulation.EMULATOR_LR, 0, "relative")]  # the loss
+    (tiny_model, "0,-1", 2, _rows(0), emulation.EMULATOR_LR, 0, "mse")]  # the loss
     folders = {emulation.build_emulator(*variant)[0] for variant in variants}
     assert len(folders | {first}) == 8
 

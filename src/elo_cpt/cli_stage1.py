@@ -30,8 +30,8 @@ def add_parsers(sub) -> None:
     emulator.add_argument("--tokens", type=int, default=65536, help="distillation tokens (default 65536)")
     emulator.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     emulator.add_argument("--lr", type=float, default=1e-3, help="distillation learning rate (default 1e-3)")
-    emulator.add_argument("--loss", choices=("mse", "relative"), default="mse", help="mse on the residual stream, or each "
-                          "token's relative squared error (default mse)")
+    emulator.add_argument("--loss", choices=("mse", "relative"), default="relative", help="each token's relative squared "
+                          "error (default), or mse on the residual stream")
     emulator.add_argument("--out", help="also write the shallow model with the emulator here, for elo pretrain")
 
 

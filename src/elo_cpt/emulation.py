@@ -3,7 +3,7 @@
 ELO's shallow model feeds the stream leaving its bottom trained layers straight into its top ones, although the
 full model has the middle layers between. The emulator puts k frozen layers there instead: initialised from k evenly
 spaced layers of the removed middle, then distilled once so that, given the stream entering the middle, they
-reproduce the stream the real middle hands to the next kept layer (MSE on the residual stream; the teacher is the
+reproduce the stream the real middle hands to the next kept layer (each token's relative squared error; the teacher is the
 full model, without gradients, on the stage-1 text). Stage 1 then trains the selected layers around it; the
 emulator stays frozen and is never written back (its layers are not in the shallow model's `trained_layers`).
 
@@ -30,9 +30,10 @@ from elo_cpt.errors import EloError
 log = logging.getLogger(__name__).info
 
 EMULATOR_LR = 1e-3
-#: Distillation losses: `mse` on the residual stream, or `relative`: each token's ||s - t||^2 / ||t||^2, averaged (the
-#: stream's norm differs by orders of magnitude between tokens: SmolLM2's first position, an attention sink, holds
-#: about half of its squared norm entering the last layer).
+#: Distillation losses: `relative` (the default): each token's ||s - t||^2 / ||t||^2, averaged, or `mse` on the residual
+#: stream. The stream's norm differs by orders of magnitude between tokens (SmolLM2's first position, an attention
+#: sink, holds about half of its squared norm entering the last layer), and MSE spends itself there: on SmolLM2 it left
+#: the typical token worse off than no emulator at all (docs/probe.md).
 LOSSES = ("mse", "relative")
 BATCH = 4
 CACHE_DIR = "emulators"
@@ -89,7 +90,7 @@ def distillation_rows(model_dir: Path, sources: list[str], tokens: int, seq_len:
 
 
 def build_emulator(model: str | Path, layers: str, k: int, rows: torch.Tensor, lr: float = EMULATOR_LR,
-                   seed: int = 0, loss: str = "mse") -> tuple[Path, dict]:
+                   seed: int = 0, loss: str = "relative") -> tuple[Path, dict]:
     """The cached emulator of `layers` (a layer spec of what stage 1 trains) with `k` layers distilled on `rows`:
     its cache folder and its record, distilled now if the cache has no such emulator."""
     if loss not in LOSSES:
@@ -126,7 +127,7 @@ def build_emulator(model: str | Path, layers: str, k: int, rows: torch.Tensor, l
 
 
 def _distill(teacher: PreTrainedModel, student: PreTrainedModel, kept: list[int], gap: tuple[int, int], picks: list[int],
-             rows: torch.Tensor, lr: float, seed: int, loss_name: str = "mse") -> dict:
+             rows: torch.Tensor, lr: float, seed: int, loss_name: str = "relative") -> dict:
     """Train the student's emulator layers so the stream they hand to base layer b matches the teacher's, given the
     teacher's stream entering the middle. Errors are ||s - t||^2 / ||t||^2 on a held-out batch of `rows` (the last,
     when there are two or more)."""
@@ -235,7 +236,7 @@ def load_emulator(model: PreTrainedModel, provenance: dict, folder: Path) -> int
 
 def emulator(model: str | Path, layers: str, k: int, sources: list[str], out: str | Path | None = None, tokens: int = 65536,
              seq_len: int = 256, lr: float = EMULATOR_LR, seed: int = 0, max_tokens: int | None = None,
-             loss: str = "mse") -> dict:
+             loss: str = "relative") -> dict:
     """`elo emulator`: distil (or find in the cache) the k-layer emulator of the middle that training `layers` of
     `model` removes, on the first `tokens` tokens of `sources` (at most `max_tokens`); with `out`, also write the
     shallow model (the layers to train around the frozen emulator) there, for `elo pretrain`. Returns its record,
