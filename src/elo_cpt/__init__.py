@@ -5,6 +5,8 @@ The Python API mirrors the `elo` command one to one:
     elo run       -> run(load_config(...), out)
     elo detach    -> detach(model, layers, out)
     elo bridge    -> bridge(shallow, data, tokens="auto")
+    elo probe     -> probe(model, data, english=None, tokens=8192, layers=2, out=None)
+    elo emulator  -> emulator(model, layers, k, data, out=None, tokens=65536)
     elo pretrain  -> pretrain(shallow, data, out, ...)
     elo merge     -> merge(base, shallow, out)
     elo chat-vector -> chat_vector(target, base, instruct, out, scale=1.0, skip=())
@@ -45,6 +47,8 @@ _API = {
     "sft": ("elo_cpt.train", "sft"),
     "pretrain": ("elo_cpt.train", "pretrain"),
     "bridge": ("elo_cpt.train", "bridge"),
+    "probe": ("elo_cpt.layerprobe", "probe"),
+    "emulator": ("elo_cpt.emulation", "emulator"),
     "bench": ("elo_cpt.benchmark", "bench"),
     "study": ("elo_cpt.study_runner", "study"),
     "vocab": ("elo_cpt.vocabulary", "extend_vocabulary"),

@@ -8,7 +8,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from elo_cpt import distributed
+from elo_cpt import cli_stage1, distributed
 from elo_cpt.config import elo_version
 from elo_cpt.errors import EloError
 
@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument("--ascii-context", action="store_true",
                        help="let new tokens hold ASCII bytes (a leading space) next to non-ASCII ones: fewer tokens; pure ASCII text still keeps its encoding")
 
+    cli_stage1.add_parsers(sub)
     study = sub.add_parser("study", help="a grid of runs (ELO variants and baselines) on the same data; one results table",
                            description="Run a study: ELO, its ablations and the baselines (full fine-tuning, LoRA, "
                                        "freeze-tuning, alignment only) at equal tokens or equal cost-model FLOPs. "
@@ -318,6 +319,8 @@ def dispatch(args: argparse.Namespace) -> None:
         tokens = args.tokens if args.tokens == "auto" else _count(args.tokens, "--tokens")
         used = api.bridge(args.shallow, args.data, tokens, args.seq_len)
         print(f"bridges fitted on {used:,} tokens; saved in {args.shallow}")
+    elif cli_stage1.dispatch(args, api):
+        pass
     elif args.command == "pretrain":
         stats = api.pretrain(args.shallow, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.train_norm,
                              held_out=_held_out(args), train_new_rows=args.train_new_rows)

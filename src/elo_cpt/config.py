@@ -101,6 +101,15 @@ class Stage1Config(TrainConfig):
     """Also train the embedding (and untied head) rows of the tokens vocab.add added, the old rows staying exactly as
     they are (no gradient, no weight decay); written back with the layers (docs/vocab.md). Needs vocab.add > 0, or a
     model extended by `elo vocab`."""
+    probe_tokens: int = 8192
+    """Tokens per language (target, and English when replayed) that `layers: probe` measures (docs/probe.md)."""
+    emulator_layers: int = 0
+    """Stand in for the removed middle with this many frozen layers, initialised from evenly spaced middle layers and
+    distilled once to reproduce the middle's output (Offsite-Tuning's emulator; docs/probe.md); never written back.
+    0 turns it off. Replaces the bridges (stage1.bridge_tokens is then ignored unless set to a count, an error)."""
+    emulator_tokens: int = 65536
+    """Stage-1 tokens the emulator is distilled on (one pass, no-grad teacher: the full model); cached under the
+    cache root by base model, layers, emulator_layers and the distillation tokens."""
 
 
 @dataclass
@@ -228,7 +237,9 @@ class RunConfig:
     model: str | None = None
     """Hugging Face model folder (safetensors); None uses the embedded default SmolLM2-135M-Instruct."""
     layers: str = "0,-1"
-    """Decoder layers trained in stage 1: indices and start:stop ranges, negatives from the end (e.g. 0,-1 or 0,15,-1)."""
+    """Decoder layers trained in stage 1: indices and start:stop ranges, negatives from the end (e.g. 0,-1 or 0,15,-1),
+    or `probe` (`probe:K`): the 2 (K) layers `elo probe` suggests on the run's corpora, measured once and cached in the
+    run folder (docs/probe.md)."""
     target_language: str = "de"
     """Code of the target language, used to label results; with no data.target given it also picks the embedded
     corpora (de: German, ko: Korean)."""
@@ -350,7 +361,17 @@ def validate(config: RunConfig) -> None:
         (config.vocab.add >= 0, f"vocab.add must be a number of new tokens >= 0 (0 keeps the vocabulary), not {config.vocab.add}"),
         (config.stage1.bridge_tokens == AUTO or (isinstance(config.stage1.bridge_tokens, int) and config.stage1.bridge_tokens >= 0),
          f"stage1.bridge_tokens must be a token count >= 0 (0 turns bridges off) or {AUTO}, not {config.stage1.bridge_tokens!r}"),
+        (config.stage1.probe_tokens >= config.seq_len, f"stage1.probe_tokens must hold at least one sequence of seq_len "
+         f"({config.seq_len}) tokens, not {config.stage1.probe_tokens}"),
+        (config.stage1.emulator_layers >= 0, "stage1.emulator_layers must be >= 0 (0 turns the emulator off)"),
+        (config.stage1.emulator_tokens >= config.seq_len, f"stage1.emulator_tokens must hold at least one sequence of "
+         f"seq_len ({config.seq_len}) tokens"),
+        (not config.stage1.emulator_layers or config.stage1.bridge_tokens in (AUTO, 0), "stage1.emulator_layers and "
+         "stage1.bridge_tokens both stand in for the removed layers; set stage1.bridge_tokens=0 (or auto) with an emulator"),
+        (not config.stage1.emulator_layers or not config.stage1.frozen_layers, "stage1.emulator_layers and "
+         "stage1.frozen_layers both add frozen layers to the shallow model; use one of them"),
     ]
+    probe_size(config.layers)  # a bad probe:K is refused here; layer indices are checked against the model later
     chat = config.chat
     checks += [
         (bool(chat.base) == bool(chat.instruct), f"chat.{'base' if chat.base else 'instruct'} is set without "
@@ -368,6 +389,17 @@ def validate(config: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise EloError(message)
+
+
+def probe_size(layers: str) -> int | None:
+    """K of a `layers: probe` (2) or `probe:K` setting; None for an ordinary layer spec."""
+    text = str(layers).replace(" ", "")
+    if not text.startswith("probe"):
+        return None
+    k = text.removeprefix("probe").removeprefix(":") or "2"
+    if not k.isdigit() or int(k) < 1 or text not in ("probe", f"probe:{k}"):
+        raise EloError(f"layers {layers!r}: write probe (2 layers) or probe:K with K >= 1, e.g. probe:3")
+    return int(k)
 
 
 def to_dict(config: RunConfig) -> dict:

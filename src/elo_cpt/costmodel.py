@@ -187,6 +187,16 @@ def step_cost(shape: Shape, method: str, layers: list[int], lora_rank: int = 16,
     return Cost(method, forward, backward, trainable, len({*layers, *frozen}) if method == "elo" else n)
 
 
+def emulator_flops_per_token(shape: Shape, layers: list[int], gap: tuple[int, int], sources: list[int]) -> float:
+    """FLOPs per token of distilling an emulator (stage1.emulator_layers): the teacher's forward pass up to base layer
+    b of the removed middle (a, b), the shallow model's forward pass through its layers up to a, and the emulator
+    layers' forward and backward pass (their weights train)."""
+    a, b = gap
+    active = shape.layer_active_params
+    return (sum(2.0 * active(i) for i in range(b)) + sum(2.0 * active(i) for i in layers if i <= a)
+            + sum(6.0 * active(i) for i in sources))
+
+
 def pipeline_speedup(stage1_rate: float, align_rate: float, fft_rate: float, stage1_share: float = 0.9) -> float:
     """Speedup of ELO (stage 1 on `stage1_share` of T tokens, alignment on the rest) over fft on all T tokens,
     from rates in tokens per unit time (tokens/s measured, or 1/FLOPs per token)."""

@@ -37,8 +37,8 @@ from pathlib import Path
 import yaml
 from transformers import AutoConfig
 
-from elo_cpt import checkpoint, config as config_mod, corpus, data, distributed, evaluation, files, report, surgery, train
-from elo_cpt import vocabulary
+from elo_cpt import checkpoint, config as config_mod, corpus, data, distributed, emulation, evaluation, files, layerprobe, report
+from elo_cpt import surgery, train, vocabulary
 from elo_cpt import pipeline_stage3 as stage3
 from elo_cpt.config import RunConfig
 from elo_cpt.demo import assets, chats
@@ -195,13 +195,22 @@ def align_tokens(cfg: RunConfig) -> int:
 def make_shallow(cfg: RunConfig, stage1_data: Path, shallow: Path) -> None:
     """The shallow model of `cfg` in `shallow`: detached, plus its bridges when `stage1.bridge_tokens` asks for them
     (fitted on the first tokens of the stage-1 data). Finishes a folder an interrupted call left without bridges."""
-    if not shallow.is_dir():
+    if not shallow.is_dir() and cfg.stage1.emulator_layers:
+        log(f"the removed middle gets a {cfg.stage1.emulator_layers}-layer distilled emulator (bridges are not fitted)")
+        emulation.emulator(cfg.model, cfg.layers, cfg.stage1.emulator_layers, [str(stage1_data)], shallow,
+                           cfg.stage1.emulator_tokens, cfg.seq_len, seed=cfg.seed, max_tokens=cfg.stage1.tokens)
+    elif not shallow.is_dir():
         surgery.detach(cfg.model, cfg.layers, shallow, frozen_layers=cfg.stage1.frozen_layers)
-    if cfg.stage1.bridge_tokens and not (shallow / surgery.BRIDGE_FILE).is_file():
+    if wants_bridges(cfg) and not (shallow / surgery.BRIDGE_FILE).is_file():
         log("fitting the bridges for the removed layers (one full-model forward pass)")
         # the stage-1 mixture holds no more than stage1.tokens
         used = train.bridge(shallow, [str(stage1_data)], cfg.stage1.bridge_tokens, cfg.seq_len, cfg.stage1.tokens)
         log(f"bridges fitted on {used:,} stage-1 tokens")
+
+
+def wants_bridges(cfg: RunConfig) -> bool:
+    """Whether stage 1 fits bridges: stage1.bridge_tokens asks for them and no emulator stands in for the middle."""
+    return bool(cfg.stage1.bridge_tokens) and not cfg.stage1.emulator_layers
 
 
 def config_changes(recorded: dict, resolved: dict) -> list[str]:
@@ -230,6 +239,9 @@ def run(cfg: RunConfig, out: str | Path) -> dict:
         return finished
     data_dir = out / "data"
     data_summary = json.loads((data_dir / "summary.json").read_text())
+    if config_mod.probe_size(cfg.layers):  # `layers: probe`: measured once, cached in out/probe
+        cfg = distributed.main_only(layerprobe.probe_layers, cfg, out)
+        resolved = {**resolved, "probed_layers": cfg.layers}  # metrics.json and the report name the layers trained
     timings = Timings(out / "timings.json", write=distributed.is_main())
     base_cfg, cfg = cfg, extended(cfg, out)  # from here on the model trained is the extended one (vocab.add)
 
@@ -321,7 +333,13 @@ def prepare_run(cfg: RunConfig, out: Path, resolved: dict, checked: dict) -> dic
     copies = sum(not (out / part).is_dir() for part in ("stages/merged", "model", *([VOCAB_DIR] if cfg.vocab.add else [])))
     copies += sum(not folder.is_dir() for folder in stage3.model_dirs(cfg, out))
     checkpoint.check_output(out, needed_bytes=copies * checkpoint.folder_bytes(model_dir))
-    surgery.resolve_layers(cfg.layers, n_layers)
+    probed = config_mod.probe_size(cfg.layers)
+    if probed is None:
+        surgery.resolve_layers(cfg.layers, n_layers)
+    elif probed > n_layers:
+        raise EloError(f"layers {cfg.layers!r} asks for {probed} layers of a model with {n_layers}")
+    if cfg.stage1.emulator_layers and probed is None:  # a probed layer set is checked when the emulator is built
+        emulation.emulator_sources(surgery.resolve_layers(cfg.layers, n_layers), n_layers, cfg.stage1.emulator_layers)
     if cfg.stage1.frozen_layers:
         surgery.resolve_layers(cfg.stage1.frozen_layers, n_layers)
     for path in cfg.data.eval.values():
@@ -397,7 +415,7 @@ def stage1_and_merge(cfg: RunConfig, stage1_data: Path, folder: Path, timings: T
 
 
 def detach_step(cfg: RunConfig, stage1_data: Path, shallow: Path, timings: Timings) -> None:
-    if not shallow.is_dir() or (cfg.stage1.bridge_tokens and not (shallow / surgery.BRIDGE_FILE).is_file()):
+    if not shallow.is_dir() or (wants_bridges(cfg) and not (shallow / surgery.BRIDGE_FILE).is_file()):
         log(f"[2/6] detaching layers {cfg.layers} into a shallow model")
         with timings.step("detach"):
             make_shallow(cfg, stage1_data, shallow)

@@ -274,7 +274,7 @@ def build_content(metrics: dict, run_dir: Path) -> dict:
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "model": config.get("model", "?"),
         "target": language(config.get("target_language", "?")),
-        "layers": config.get("layers", "?"),
+        "layers": f"{config['layers']} -> {config['probed_layers']}" if config.get("probed_layers") else config.get("layers", "?"),
         "headline": headline(metrics),
         "warnings": [r["message"] for r in [*forgetting(metrics), *chat_forgetting(metrics)] if r["flag"]],
         "explanations": explanations(metrics),

@@ -127,3 +127,24 @@ def plot_cost(records: list[tuple[str, float | None, dict]]) -> bytes | None:
         axes.set(xlabel="tokens", title="tokens trained per stage")
         axes.grid(axis="x", alpha=0.3)
     return _png(figure)
+
+
+def plot_layer_probe(rows: list[dict], suggested: list[int], languages: list[str]) -> bytes:
+    """`elo probe`'s figure: block influence and gradient norm per decoder layer (one line per language), with the
+    suggested layers shaded."""
+    figure = Figure(figsize=(9, 3.4))
+    layers = [row["layer"] for row in rows]
+    for column, (key, title) in enumerate((("block_influence", "block influence (1 - cos in/out)"),
+                                           ("grad_norm", "gradient norm of the LM loss"))):
+        axes = figure.add_subplot(1, 2, column + 1)
+        for index, lang in enumerate(languages):
+            axes.plot(layers, [row[key][lang] for row in rows], marker="o", markersize=3, label=lang,
+                      color=_EXTRA_COLOURS[index % len(_EXTRA_COLOURS)] if index else "#1a5fb4")
+        for layer in suggested:
+            axes.axvspan(layer - 0.4, layer + 0.4, color="#e5a50a", alpha=0.25, lw=0)
+        axes.set_title(title, fontsize=9)
+        axes.set_xlabel("decoder layer")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    return _png(figure)

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import yaml
 
-from elo_cpt import checkpoint, config as config_mod, costmodel, distributed, files, pipeline, pipeline_eval, surgery, train
+from elo_cpt import checkpoint, config as config_mod, costmodel, distributed, emulation, files, layerprobe, pipeline, pipeline_eval, surgery, train
 from elo_cpt.config import RunConfig
 from elo_cpt.errors import EloError
 from elo_cpt.stageclock import Timings
@@ -170,18 +170,32 @@ def _shape(cfg: RunConfig) -> costmodel.Shape:
     return costmodel.Shape.from_config(AutoConfig.from_pretrained(checkpoint.require_model_dir(cfg.model, weights=False)))
 
 
+def _planned_layers(cfg: RunConfig, n_layers: int) -> list[int]:
+    """The layers a cell trains, for its cost; `layers: probe:K` is not measured yet, so the first K - K // 2 and the
+    last K // 2 layers stand in (0,-1 for K = 2)."""
+    k = config_mod.probe_size(cfg.layers)
+    if k is None:
+        return surgery.resolve_layers(cfg.layers, n_layers)
+    k = min(k, n_layers)
+    return sorted({*range(k - k // 2), *range(n_layers - k // 2, n_layers)})
+
+
 def elo_plan(cfg: RunConfig) -> dict:
     """Tokens and cost-model FLOPs of an ELO run: stage 1 on the shallow model, then alignment on the whole one."""
     shape = _shape(cfg)
-    layers = surgery.resolve_layers(cfg.layers, shape.num_layers)
+    layers = _planned_layers(cfg, shape.num_layers)
     frozen = surgery.resolve_layers(cfg.stage1.frozen_layers, shape.num_layers) if cfg.stage1.frozen_layers else []
     stage1, align = cfg.stage1.tokens or 0, pipeline.align_tokens(cfg)
+    distil = 0.0
+    if cfg.stage1.emulator_layers:  # the emulator's layers run in stage 1, frozen; distilling them costs once
+        gap, frozen = emulation.emulator_sources(layers, shape.num_layers, cfg.stage1.emulator_layers)
+        distil = min(cfg.stage1.emulator_tokens, stage1) * costmodel.emulator_flops_per_token(shape, layers, gap, frozen)
     align_method = {"fft": "align"}.get(cfg.align.method, cfg.align.method)
     flops = (stage1 * costmodel.step_cost(shape, "elo", layers, cfg.align.lora_rank, frozen).flops_per_token
              + align * costmodel.step_cost(shape, align_method, layers, cfg.align.lora_rank).flops_per_token
              # fitting bridges is one forward pass of the full model over their calibration tokens
-             + min(config_mod.bridge_token_count(cfg.stage1.bridge_tokens, shape.hidden), stage1)
-             * costmodel.step_cost(shape, "fft", layers).forward_flops)
+             + (min(config_mod.bridge_token_count(cfg.stage1.bridge_tokens, shape.hidden), stage1)
+                if pipeline.wants_bridges(cfg) else 0) * costmodel.step_cost(shape, "fft", layers).forward_flops + distil)
     return {"stage1_tokens": stage1, "align_tokens": align, "tokens": stage1 + align, "flops": flops}
 
 
@@ -194,7 +208,7 @@ def plan(study: Study, cell: Cell) -> dict:
         return elo_plan(cfg)
     reference = elo_plan(pipeline.resolve_defaults(cell_config(study, study.cell(cell.reference))))
     shape = _shape(cfg)
-    layers = surgery.resolve_layers(cfg.layers, shape.num_layers)
+    layers = _planned_layers(cfg, shape.num_layers)
     if cell.method == "control":
         per_token = costmodel.step_cost(shape, "fft", layers).flops_per_token
         return {"tokens": reference["align_tokens"], "flops": reference["align_tokens"] * per_token}
@@ -343,6 +357,7 @@ def run_cell(out: str | Path, name: str) -> dict:
     folder = out / "cells" / name
     planned = json.loads((folder / "cell.json").read_text())["plan"]
     cfg = distributed.main_only(pipeline.resolve_defaults, cell_config(parsed, cell))
+    cfg = distributed.main_only(layerprobe.probe_layers, cfg, folder)  # `layers: probe`: measured once per cell
     model_dir = folder / "model"
     stages: dict[str, dict] = {}
     evaluated: dict[str, dict] = {}
