@@ -149,6 +149,8 @@ def test_emulator_cost_counts_the_frozen_layers():
     ([{"name": "a/b", "method": "elo"}], "names a folder"),
     ([{"name": "elo", "method": "elo", "budget": "hours"}], "budget"),
     ([{"name": "elo"}], "give name and method"),
+    ([{"name": "elo", "method": "elo", "set": {"vocab.add": 8}}], "vocab.add is not supported in a study"),
+    ([{"name": "elo", "method": "elo", "set": {"sft.data": ["chats.jsonl"]}}], "sft.data is not supported in a study"),
 ])
 def test_bad_study_files_fail_with_a_clear_error(tiny_model, corpora, tmp_path, cells, message):
     with pytest.raises(EloError, match=message):

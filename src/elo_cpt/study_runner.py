@@ -156,9 +156,15 @@ def load_study(spec: str | Path | dict) -> Study:
 def cell_config(study: Study, cell: Cell) -> RunConfig:
     """The run config of a cell: the study's `run` section, then the cell's `set` values."""
     try:
-        return config_mod.from_dict(study.run, cell.set)
+        cfg = config_mod.from_dict(study.run, cell.set)
     except EloError as err:
         raise EloError(f"cell {cell.name}: {err}") from None
+    # a study cell runs stage 1, the write-back, the alignment and the evaluation; these settings would be ignored
+    for key, given in (("vocab.add", cfg.vocab.add), ("chat.base", cfg.chat.base), ("sft.data", cfg.sft.data)):
+        if given:
+            raise EloError(f"cell {cell.name}: {key} is not supported in a study yet (cells do not extend the vocabulary "
+                           "or run stage 3); run it with `elo run`, or remove it from the study")
+    return cfg
 
 
 # ------------------------------------------------------------------ budgets
