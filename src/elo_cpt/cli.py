@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 
 from elo_cpt import distributed
-from elo_cpt.config import elo_version
+from elo_cpt.config import OPTIMIZERS, elo_version
 from elo_cpt.errors import EloError
 
 DEFAULT_OUT = "runs/default"
@@ -57,8 +57,10 @@ def _add_training_options(parser: argparse.ArgumentParser, lr: float, data_help:
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order and initialisation (default 0)")
     parser.add_argument("--save-steps", type=int, default=50, help="resumable checkpoint every N steps (default 50)")
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "adamw_kahan"],
-                        help="adamw_8bit needs bitsandbytes; adamw_kahan (Kahan-summed updates, for bf16-true) needs torch-optimi")
+    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="adamw_8bit needs bitsandbytes; adamw_kahan "
+                        "(Kahan-summed updates, for bf16-true) needs torch-optimi; memory-lean: adafactor, galore "
+                        "(galore-torch), apollo (apollo-torch); docs/training.md")
+    parser.add_argument("--optimizer-rank", type=int, default=128, help="rank of galore's and apollo's projections (default 128)")
     parser.add_argument("--precision", default="auto", metavar="{auto,32-true,bf16-mixed,bf16-true}",
                         help="auto (default): bf16-mixed on a GPU with bf16, else 32-true; bf16-mixed keeps fp32 master weights; "
                              "bf16-true needs --optimizer adamw_kahan")
@@ -214,7 +216,7 @@ def _train_config(args: argparse.Namespace):
     from elo_cpt.config import TrainConfig
 
     return TrainConfig(tokens=args.tokens, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                       save_steps=args.save_steps, optimizer=args.optimizer, precision=args.precision, loss_chunk=args.loss_chunk,
+                       save_steps=args.save_steps, optimizer=args.optimizer, optimizer_rank=args.optimizer_rank, precision=args.precision, loss_chunk=args.loss_chunk,
                        gradient_checkpointing=args.gradient_checkpointing, lora_rank=getattr(args, "lora_rank", 16),
                        schedule=args.schedule, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
                        max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, eval_steps=args.eval_steps,
