@@ -98,3 +98,19 @@ def test_align_with_galore_and_checkpointing(tiny_model, tmp_path, corpora):
     assert stats.tokens == 256
     before, after = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "aligned" / "model.safetensors")
     assert [k for k in before if torch.equal(before[k], after[k])] == []
+
+
+def test_cost_model_counts_the_state_each_optimizer_keeps():
+    """costmodel.optimizer_state_bytes (what `elo plan` adds up) against the bytes counted after one step: exact but
+    for per-tensor scalars (AdamW's step counters, Adafactor's RMS, APOLLO's scale: at most 4 bytes per tensor)."""
+    from elo_cpt import costmodel
+
+    model = wide_tiny_model()
+    shape = costmodel.Shape.from_config(model.config)
+    tensors = costmodel.trainable_tensors(shape, "fft", [])
+    assert sum(m * n for _, m, n in tensors) == sum(p.numel() for p in model.parameters())
+    scalars = 4 * len(list(model.parameters()))
+    for name in ("adamw", *LEAN):
+        counted = state_bytes(steps(name, count=1)[3])
+        modelled = costmodel.optimizer_state_bytes(tensors, name, rank=8)
+        assert 0 <= counted - modelled <= scalars, (name, counted, modelled)
