@@ -121,13 +121,20 @@ def test_bench_cli_smoke(tiny_model, tmp_path):
 
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "elo_cpt.cli", "bench", str(tiny_model), "--methods", "elo,fft",
-                             "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0", "--json", str(out)],
-                            capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, "-m", "elo_cpt.cli", "bench", str(tiny_model), "--methods", "elo,align,fft",
+                             "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0", "--json", str(out),
+                             "--align-method", "adafactor"], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
-    assert "pipeline at 9:1" in result.stdout
+    assert "pipeline at 9:1" in result.stdout and "pipeline peak memory" in result.stdout
     report = json.loads(out.read_text())
-    assert set(report["methods"]) == {"elo", "fft"}
+    assert set(report["methods"]) == {"elo", "align", "fft"}
+    # the align row trains as configured; ELO's memory need is its larger stage's, every peak net of the runtime
+    align = report["methods"]["align"]
+    assert (align["optimizer"], align["gradient_checkpointing"], report["align_method"]) == ("adafactor", False, "adafactor")
+    assert align["estimated_memory_breakdown"]["optimizer"] < report["methods"]["fft"]["estimated_memory_breakdown"]["optimizer"] / 10
+    net = {m: row["peak_memory_bytes"] - row["baseline_rss_bytes"] for m, row in report["methods"].items()}
+    assert net == {m: row["net_peak_bytes"] for m, row in report["methods"].items()}
+    assert report["pipeline_peak_vs_fft"] == max(net["elo"], net["align"]) / net["fft"]
     for row in report["methods"].values():
         for key in ("tokens_per_s", "peak_memory_bytes", "trainable_params", "flops_per_token", "bound_speedup_vs_fft",
                     "measured_speedup_vs_fft", "efficiency"):
@@ -153,3 +160,7 @@ def test_bench_rejects_unknown_input(tiny_model):
         bench.bench(str(tiny_model), "elo,sgd")
     with pytest.raises(EloError, match="known shape"):
         bench.bench("no-such-model", "elo")
+    with pytest.raises(EloError, match="unknown --align-method 'lion'"):
+        bench.bench(str(tiny_model), "align", align_method="lion")
+    with pytest.raises(EloError, match="bf16-true needs optimizer adamw_kahan"):
+        bench.bench(str(tiny_model), "align", precision="bf16-true", align_method="galore")
