@@ -12,8 +12,11 @@ from pathlib import Path
 
 from elo_cpt import benchmark
 
-ROWS = [("smollm2-135m", "elo,align,fft", None), ("smollm2-360m", "elo,align,fft", None),
-        ("qwen2.5-0.5b", "elo,align,fft", None), ("smollm2-135m", "align", "adafactor"), ("smollm2-135m", "align", "galore")]
+#: (shape, methods, the align row's optimizer, its activation checkpointing)
+ROWS = [("smollm2-135m", "elo,align,fft", None, False), ("smollm2-360m", "elo,align,fft", None, False),
+        ("qwen2.5-0.5b", "elo,fft", None, False), ("smollm2-135m", "align", "adafactor", False),
+        ("smollm2-135m", "align", "galore", False), ("smollm2-135m", "align", "adamw_8bit", False),
+        ("smollm2-135m", "align", None, True)]
 
 
 def main() -> None:
@@ -21,15 +24,16 @@ def main() -> None:
     shapes = set(sys.argv[2:])
     out.mkdir(parents=True, exist_ok=True)
     lines = ["| shape | method | optimizer | estimated (MiB) | measured, net of runtime (MiB) | error |", "|---|---|---|---|---|---|"]
-    for shape, methods, optimizer in ROWS:
+    for shape, methods, optimizer, checkpointing in ROWS:
         if shapes and shape not in shapes:
             continue
-        name = f"{shape}-{methods.replace(',', '-')}{'-' + optimizer if optimizer else ''}"
+        name = f"{shape}-{methods.replace(',', '-')}{'-' + optimizer if optimizer else ''}{'-ckpt' if checkpointing else ''}"
         result = benchmark.bench(shape, methods, batch=2, seq=128, steps=1, warmup=1, precision="32-true",
-                                 json_path=out / f"{name}.json", align_method=optimizer)
+                                 json_path=out / f"{name}.json", align_method=optimizer, align_checkpointing=checkpointing)
         for method, row in result["methods"].items():
             estimate, measured = row["estimated_memory_bytes"], row["net_peak_bytes"]
-            lines.append(f"| {shape} | {method} | {row.get('optimizer', 'adamw')} | {estimate / 2**20:,.0f} | "
+            optimizer_used = row.get("optimizer", "adamw") + (" + checkpointing" if row.get("gradient_checkpointing") else "")
+            lines.append(f"| {shape} | {method} | {optimizer_used} | {estimate / 2**20:,.0f} | "
                          f"{measured / 2**20:,.0f} | {(estimate - measured) / measured:+.1%} |")
         print("\n".join(lines), flush=True)
 
