@@ -4,6 +4,8 @@ reaches `elo align` through the config."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -46,6 +48,12 @@ def steps(name: str, count: int = 6, rank: int = 8) -> tuple[list[float], torch.
     return losses, model, before, optimizer
 
 
+@functools.cache
+def one_step_state_bytes(name: str) -> int:
+    """State bytes after one step (shared by the tests that count them: each optimizer is built once)."""
+    return state_bytes(steps(name, count=1)[3])
+
+
 @pytest.mark.parametrize("name", ("adamw", *LEAN))
 def test_each_optimizer_trains_every_parameter(name):
     losses, model, before, _ = steps(name)
@@ -58,7 +66,7 @@ def test_lean_optimizers_keep_less_state_than_adamw():
     """AdamW keeps two fp32 moments per parameter; each lean option keeps less (counted after one step, when every
     state tensor exists): adafactor a row and a column per matrix, adamw_8bit one byte per moment of tensors of 4,096+
     elements, galore and apollo AdamW moments of rank-8 projections of the decoder layers' linear weights."""
-    sizes = {name: state_bytes(steps(name, count=1)[3]) for name in ("adamw", *LEAN)}
+    sizes = {name: one_step_state_bytes(name) for name in ("adamw", *LEAN)}
     params = sum(p.numel() for p in wide_tiny_model().parameters())
     assert sizes["adamw"] == 8 * params + 4 * len(list(wide_tiny_model().parameters()))  # two moments, plus a step counter each
     for name in LEAN:
@@ -111,6 +119,6 @@ def test_cost_model_counts_the_state_each_optimizer_keeps():
     assert sum(m * n for _, m, n in tensors) == sum(p.numel() for p in model.parameters())
     scalars = 4 * len(list(model.parameters()))
     for name in ("adamw", *LEAN):
-        counted = state_bytes(steps(name, count=1)[3])
+        counted = one_step_state_bytes(name)
         modelled = costmodel.optimizer_state_bytes(tensors, name, rank=8)
         assert 0 <= counted - modelled <= scalars, (name, counted, modelled)
