@@ -96,12 +96,14 @@ def test_fft_memory_of_8b_exceeds_this_machine():
     """The estimates docs/benchmarks.md and docs/costmodel.md quote, in GiB: fft of the 8B shape needs 123, stage 1 11."""
     estimate = costmodel.estimate_memory_bytes(LLAMA_8B, "fft", [0, 31], batch=1, seq=256)
     assert estimate["total"] > 24 * 2**30
-    assert estimate["grads_and_optimizer"] == LLAMA_8B.total_params() * 12
+    assert estimate["gradients"] + estimate["optimizer"] == LLAMA_8B.total_params() * 12
     gib = {key: round(value / 2**30, 2) for key, value in estimate.items()}
-    assert gib == {"weights": 29.92, "grads_and_optimizer": 89.75, "activations": 3.0, "logits": 0.37, "total": 123.03}
+    assert gib == {"weights": 29.92, "gradients": 29.92, "optimizer": 59.83, "activations": 3.0, "logits": 0.37,
+                   "gathered": 0, "total": 123.03}
     stage1 = costmodel.estimate_memory_bytes(LLAMA_8B, "elo", [0, 31], batch=1, seq=256)
     gib = {key: round(value / 2**30, 2) for key, value in stage1.items()}
-    assert gib == {"weights": 5.54, "grads_and_optimizer": 4.88, "activations": 0.19, "logits": 0.37, "total": 10.97}
+    assert gib == {"weights": 5.54, "gradients": 1.63, "optimizer": 3.25, "activations": 0.19, "logits": 0.37,
+                   "gathered": 0, "total": 10.97}
 
 
 def test_named_shapes_cost_nothing_to_describe():
@@ -119,13 +121,20 @@ def test_bench_cli_smoke(tiny_model, tmp_path):
 
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "elo_cpt.cli", "bench", str(tiny_model), "--methods", "elo,fft",
-                             "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0", "--json", str(out)],
-                            capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, "-m", "elo_cpt.cli", "bench", str(tiny_model), "--methods", "elo,align,fft",
+                             "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "0", "--json", str(out),
+                             "--align-method", "adafactor"], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
-    assert "pipeline at 9:1" in result.stdout
+    assert "pipeline at 9:1" in result.stdout and "pipeline peak memory" in result.stdout
     report = json.loads(out.read_text())
-    assert set(report["methods"]) == {"elo", "fft"}
+    assert set(report["methods"]) == {"elo", "align", "fft"}
+    # the align row trains as configured; ELO's memory need is its larger stage's, every peak net of the runtime
+    align = report["methods"]["align"]
+    assert (align["optimizer"], align["gradient_checkpointing"], report["align_method"]) == ("adafactor", False, "adafactor")
+    assert align["estimated_memory_breakdown"]["optimizer"] < report["methods"]["fft"]["estimated_memory_breakdown"]["optimizer"] / 10
+    net = {m: row["peak_memory_bytes"] - row["baseline_rss_bytes"] for m, row in report["methods"].items()}
+    assert net == {m: row["net_peak_bytes"] for m, row in report["methods"].items()}
+    assert report["pipeline_peak_vs_fft"] == max(net["elo"], net["align"]) / net["fft"]
     for row in report["methods"].values():
         for key in ("tokens_per_s", "peak_memory_bytes", "trainable_params", "flops_per_token", "bound_speedup_vs_fft",
                     "measured_speedup_vs_fft", "efficiency"):
@@ -151,3 +160,7 @@ def test_bench_rejects_unknown_input(tiny_model):
         bench.bench(str(tiny_model), "elo,sgd")
     with pytest.raises(EloError, match="known shape"):
         bench.bench("no-such-model", "elo")
+    with pytest.raises(EloError, match="unknown --align-method 'lion'"):
+        bench.bench(str(tiny_model), "align", align_method="lion")
+    with pytest.raises(EloError, match="bf16-true needs optimizer adamw_kahan"):
+        bench.bench(str(tiny_model), "align", precision="bf16-true", align_method="galore")

@@ -15,8 +15,8 @@ LEVELS = {
         "study_report", "samples", "precision", "hub", "distributed", "modelcard", "findings", "files", "report_chat"},
     1: {"corpus", "tokencache", "data", "surgery", "stageclock", "chatvector", "chatdata", "chattokens", "vocabulary"},
     2: {"engine", "train", "evaluation", "lmeval", "chateval", "layerprobe", "emulation"},
-    3: {"pipeline", "pipeline_eval", "pipeline_stage3", "study_runner", "benchmark"},
-    4: {"cli", "cli_stage1", "__init__", "__main__"},
+    3: {"pipeline", "pipeline_eval", "pipeline_stage3", "study_runner", "benchmark", "benchdata", "planner"},
+    4: {"cli", "cli_stage1", "cli_tools", "__init__", "__main__"},
 }
 LEVEL = {module: level for level, modules in LEVELS.items() for module in modules}
 

@@ -18,6 +18,7 @@ The Python API mirrors the `elo` command one to one:
     elo report    -> write_report(run_dir)
     elo assets    -> prepare_assets() / prepare_language(language) / prepare_chats() (the demo conversations)
     elo bench     -> bench(model_or_shape, methods, ...)
+    elo plan      -> plan(model_or_shape, gpus, gpu_memory_gb, ...)
     elo vocab     -> vocab(model, sources, add, out, ascii_context=False)
     elo study     -> study(study_file_or_name, out, cells=None, launch=None)
 """
@@ -50,6 +51,7 @@ _API = {
     "probe": ("elo_cpt.layerprobe", "probe"),
     "emulator": ("elo_cpt.emulation", "emulator"),
     "bench": ("elo_cpt.benchmark", "bench"),
+    "plan": ("elo_cpt.planner", "plan"),
     "study": ("elo_cpt.study_runner", "study"),
     "vocab": ("elo_cpt.vocabulary", "extend_vocabulary"),
 }

@@ -8,8 +8,12 @@ Peak memory is the process's VmHWM on CPU (including the Python/torch runtime, r
 
 Methods: elo (the shallow model: embedding, the selected layers, norm, head; only the layers train), freeze (the
 selected layers train, the whole model is computed), lora (rank-16 adapters on every linear layer), fft (every
-parameter), align (fft of the full model: the same computation as fft, its own row), and elo-logits (elo with the
-full logits, loss_chunk=0, to show what the chunked loss saves).
+parameter), align (the alignment as configured: fft of the full model with `align_method`'s optimizer, built by
+Trainer's own code, and activation checkpointing if asked; with AdamW and no checkpointing the same computation as
+fft), and elo-logits (elo with the full logits, loss_chunk=0, to show what the chunked loss saves).
+`pipeline_peak_vs_fft` is ELO's memory need against fft's: max(elo peak, align peak) / fft peak, each peak net of
+the runtime (`net_peak_bytes`: VmHWM minus the VmRSS before the model was built on CPU; max_memory_allocated on CUDA;
+the estimate for a row not run).
 A method whose estimated memory exceeds the machine's is not run; its row carries the estimate, flagged.
 """
 
@@ -26,7 +30,7 @@ from pathlib import Path
 
 from elo_cpt import costmodel, hub, study_report
 from elo_cpt import precision as precision_mod
-from elo_cpt.config import PRECISIONS, TrainConfig
+from elo_cpt.config import BF16_TRUE_NEEDS, OPTIMIZERS, PRECISIONS, TrainConfig
 from elo_cpt.errors import EloError
 
 log = logging.getLogger(__name__).info  # shown by the `elo` command (distributed.setup_logging)
@@ -38,6 +42,12 @@ SHAPES = {
     "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
                                    max_position_embeddings=8192)),
+    "smollm2-360m": ("llama", dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                                   num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+                                   max_position_embeddings=8192)),
+    "qwen2.5-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                                   num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
+                                   max_position_embeddings=32768)),
     "llama-3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                                    num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
                                    rope_theta=500000.0, max_position_embeddings=131072)),
@@ -104,8 +114,12 @@ def _status_bytes(field: str) -> int:
 
 
 def measure(model: str, method: str, layers: list[int], batch: int, seq: int, steps: int, warmup: int,
-            loss_chunk: int, lora_rank: int, precision: str, seed: int = 0) -> dict:
-    """Time `steps` training steps of one method in this process; return tokens/s and peak memory."""
+            loss_chunk: int, lora_rank: int, precision: str, seed: int = 0, optimizer: str = "adamw",
+            checkpointing: bool = False) -> dict:
+    """Time `steps` training steps of one method in this process; return tokens/s and peak memory. `optimizer` and
+    `checkpointing` apply to the align row only."""
+    import importlib
+
     import torch
 
     from elo_cpt import engine
@@ -114,6 +128,12 @@ def measure(model: str, method: str, layers: list[int], batch: int, seq: int, st
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32  # bf16-mixed: fp32 weights, bf16 autocast
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    align_cfg = TrainConfig(lr=1e-5, optimizer=optimizer, gradient_checkpointing=checkpointing)
+    if method == "align":  # the optimizer's package loads before the baseline: runtime, not training memory
+        precision_mod.optimizer(align_cfg)
+        package = precision_mod.TRAINER_OPTIM.get(optimizer, (None, None))[1]
+        if package:
+            importlib.import_module(package[0])
     baseline = _status_bytes("VmRSS")
     torch.manual_seed(seed)
     build_start = time.perf_counter()
@@ -123,7 +143,12 @@ def measure(model: str, method: str, layers: list[int], batch: int, seq: int, st
     params = [p for p in net.parameters() if p.requires_grad]
     # as training: bf16-true steps with Kahan summation (torch-optimi), the others with torch's AdamW
     _, custom = precision_mod.optimizer(TrainConfig(lr=1e-5, optimizer="adamw_kahan" if precision == "bf16-true" else "adamw"))
-    optimizer = custom[0](params, **custom[1]) if custom else torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    if method == "align":  # as the alignment trains: Trainer's own construction of the configured optimizer
+        if checkpointing:
+            net.gradient_checkpointing_enable()
+        optimizer = engine.make_optimizer(net, align_cfg)
+    else:
+        optimizer = custom[0](params, **custom[1]) if custom else torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
     chunk = 0 if method == "elo-logits" else loss_chunk
     chunk = chunk if chunk and engine.supports_chunked_loss(net, distributed=False) else 0
     vocab = net.config.get_text_config().vocab_size
@@ -159,7 +184,8 @@ def measure(model: str, method: str, layers: list[int], batch: int, seq: int, st
         "tokens_per_s": batch * seq * steps / sum(times),
         "step_seconds": times,
         "median_step_s": statistics.median(times),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM"),
+        "peak_memory_bytes": (peak := torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")),
+        "net_peak_bytes": peak if cuda else peak - baseline,
         "memory_kind": "cuda max_memory_allocated" if cuda else "process VmHWM (RSS peak)",
         "baseline_rss_bytes": baseline,
         "build_seconds": build_seconds,
@@ -189,8 +215,11 @@ def _status_bytes_meminfo(field: str) -> int:
 
 def bench(model: str, methods: list[str] | str = "elo,freeze,lora,fft,align", batch: int = 4, seq: int = 256,
           steps: int = 3, warmup: int = 1, layers: str = "0,-1", loss_chunk: int = 1024, lora_rank: int = 16,
-          precision: str = "auto", json_path: str | Path | None = None, force: bool = False) -> dict:
-    """Benchmark each method in a fresh subprocess; return (and optionally write) the results with the cost model."""
+          precision: str = "auto", json_path: str | Path | None = None, force: bool = False,
+          align_method: str | None = None, align_checkpointing: bool = False) -> dict:
+    """Benchmark each method in a fresh subprocess; return (and optionally write) the results with the cost model.
+    The align row trains with optimizer `align_method` (default adamw; adamw_kahan under bf16-true) and, with
+    `align_checkpointing`, activation checkpointing."""
     from elo_cpt import surgery
 
     methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
@@ -209,6 +238,11 @@ def bench(model: str, methods: list[str] | str = "elo,freeze,lora,fft,align", ba
     if precision not in PRECISIONS:
         raise EloError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     precision = precision_mod.resolve(precision)
+    align_method = align_method or ("adamw_kahan" if precision == "bf16-true" else "adamw")
+    if align_method not in OPTIMIZERS:
+        raise EloError(f"unknown --align-method {align_method!r}; use one of {', '.join(OPTIMIZERS)}")
+    if precision == "bf16-true" and align_method != "adamw_kahan":
+        raise EloError(f"--align-method {align_method} with precision bf16-true: bf16-true {BF16_TRUE_NEEDS}")
     dtype_bytes = 2 if precision == "bf16-true" else 4
     activation_bytes = 4 if precision == "32-true" else 2
     available = _available_bytes()
@@ -217,25 +251,30 @@ def bench(model: str, methods: list[str] | str = "elo,freeze,lora,fft,align", ba
         cost_method = "elo" if method == "elo-logits" else method
         cost = costmodel.step_cost(shape, cost_method, absolute, lora_rank)
         chunk = 0 if method == "elo-logits" else loss_chunk
+        options = dict(optimizer=align_method, checkpointing=align_checkpointing) if method == "align" else {}
         estimate = costmodel.estimate_memory_bytes(shape, cost_method, absolute, batch, seq, chunk, lora_rank, dtype_bytes,
-                                                  activation_bytes)
+                                                  activation_bytes, **options)
         row = {"flops_per_token": cost.flops_per_token, "forward_flops_per_token": cost.forward_flops,
                "trainable_params": cost.trainable_params, "estimated_memory_bytes": estimate["total"],
                "estimated_memory_breakdown": estimate, "measured": False}
+        if method == "align":
+            row.update(optimizer=align_method, gradient_checkpointing=align_checkpointing)
         if estimate["total"] > available and not force:
-            row.update(peak_memory_bytes=estimate["total"], peak_memory_estimated=True, tokens_per_s=None,
+            row.update(peak_memory_bytes=estimate["total"], net_peak_bytes=estimate["total"], peak_memory_estimated=True, tokens_per_s=None,
                        note=f"not run: estimated {estimate['total'] / 2**30:.1f} GiB exceeds the {available / 2**30:.1f} GiB available")
             log(f"{method}: {row['note']}")
         else:
             log(f"{method}: running {warmup} warm-up + {steps} timed steps ...")
             args = dict(model=str(model), method=method, layers=absolute, batch=batch, seq=seq, steps=steps, warmup=warmup,
-                        loss_chunk=loss_chunk, lora_rank=lora_rank, precision=precision)
+                        loss_chunk=loss_chunk, lora_rank=lora_rank, precision=precision,
+                        **({"optimizer": align_method, "checkpointing": align_checkpointing} if method == "align" else {}))
             row.update(_run_isolated(args), measured=True, peak_memory_estimated=False)
         rows[method] = row
     result = {
         "model": str(model), "shape": shape.__dict__, "layers": absolute, "batch": batch, "seq": seq, "steps": steps,
         "warmup": warmup, "loss_chunk": loss_chunk, "lora_rank": lora_rank, "precision": precision,
-        "machine": study_report.machine(), "methods": rows,
+        "machine": study_report.machine(), "methods": rows, "align_method": align_method,
+        "align_checkpointing": align_checkpointing,
     }
     _add_ratios(result, shape, absolute, lora_rank)
     print(format_table(result))
@@ -271,6 +310,9 @@ def _add_ratios(result: dict, shape: costmodel.Shape, layers: list[int], lora_ra
     else:
         pipeline["measured_speedup_vs_fft"] = None
     result["pipeline_9_1"] = pipeline
+    # ELO needs the larger of its two stages' memory; every row net of the runtime, by the same rule
+    peaks = {name: rows[name]["net_peak_bytes"] for name in ("elo", "align", "fft") if name in rows}
+    result["pipeline_peak_vs_fft"] = max(peaks["elo"], peaks["align"]) / peaks["fft"] if len(peaks) == 3 else None
 
 
 def _fmt(value, spec: str, scale: float = 1.0, missing: str = "-") -> str:
@@ -289,134 +331,12 @@ def format_table(result: dict) -> str:
     pipe = result["pipeline_9_1"]
     lines.append(f"pipeline at 9:1 (stage 1 on 0.9 T + alignment on 0.1 T vs fft on T): bound {pipe['bound_speedup_vs_fft']:.2f}x, "
                  f"measured {_fmt(pipe['measured_speedup_vs_fft'], '.2f')}x")
+    if result.get("pipeline_peak_vs_fft") is not None:
+        lines.append(f"pipeline peak memory (max of elo and align, align with {result['align_method']}"
+                     f"{' + checkpointing' if result['align_checkpointing'] else ''}) vs fft, net of the runtime: "
+                     f"{result['pipeline_peak_vs_fft']:.2f}x")
     if any(row.get("peak_memory_estimated") for row in result["methods"].values()):
-        lines.append("* estimated, not run (weights + 12 bytes/trainable parameter + activations + logits)")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- data: tokenize + pack throughput
-
-
-def _tokenize_shard(args: tuple[str, list[str]]):
-    """Worker of the multi-process setting: token ids of one shard of documents (one thread per process)."""
-    import numpy as np
-
-    from elo_cpt import checkpoint, data
-
-    tokenizer_dir, documents = args
-    if tokenizer_dir not in _SHARD_TOKENIZERS:  # once per worker process
-        _SHARD_TOKENIZERS[tokenizer_dir] = checkpoint.load_tokenizer(tokenizer_dir)
-    return np.concatenate(list(data.token_chunks(documents, _SHARD_TOKENIZERS[tokenizer_dir])))
-
-
-_SHARD_TOKENIZERS: dict = {}
-
-
-def tokenization_worker(sources: list[str], tokenizer_dir: str, seq_len: int, max_documents: int | None,
-                        processes: int, end_to_end: bool) -> dict:
-    """One setting of `bench_tokenization`, in this (fresh) process: read, then time tokenize + pack."""
-    import multiprocessing
-    import tempfile
-
-    import numpy as np
-
-    from elo_cpt import checkpoint, corpus, data
-
-    tokenizer = checkpoint.load_tokenizer(tokenizer_dir)
-    start = time.perf_counter()
-    documents = []
-    for source in sources:
-        documents.extend(corpus.source_documents(source))
-    documents = documents[:max_documents] if max_documents else documents
-    read_s = time.perf_counter() - start
-    tokenizer(documents[:10], add_special_tokens=False)  # warm-up, untimed
-    start = time.perf_counter()
-    if processes > 1:
-        shards = [(tokenizer_dir, documents[i : i + corpus.TOKENIZE_BATCH]) for i in range(0, len(documents), corpus.TOKENIZE_BATCH)]
-        with multiprocessing.get_context("fork").Pool(processes) as pool:
-            ids = np.concatenate(pool.map(_tokenize_shard, shards))
-    else:
-        ids = np.concatenate(list(data.token_chunks(documents, tokenizer)))
-    rows = ids[: len(ids) // seq_len * seq_len].reshape(-1, seq_len)
-    seconds = time.perf_counter() - start
-    result = {"documents": len(documents), "characters": sum(map(len, documents)),
-              "utf8_bytes": sum(len(d.encode()) for d in documents), "tokens": int(len(ids)), "rows": int(rows.shape[0]),
-              "read_s": read_s, "tokenize_pack_s": seconds}
-    if end_to_end:  # the real path: hash the sources, read, tokenize, pack, write the memory-mapped cache; then a hit
-        with tempfile.TemporaryDirectory() as cache:
-            timed = {}
-            for run in ("cold", "warm"):
-                start = time.perf_counter()
-                data.load_training_data(sources, tokenizer, seq_len, None if not max_documents else len(ids) // seq_len * seq_len,
-                                        cache_dir=cache)
-                timed[run] = time.perf_counter() - start
-        result.update(load_cold_s=timed["cold"], load_warm_s=timed["warm"])
-    return result
-
-
-def bench_tokenization(sources: list[str] | str, tokenizer_dir: str | Path, seq_len: int = 256, max_documents: int | None = None,
-                       workers: int | None = None, json_path: str | Path | None = None) -> dict:
-    """Documents/s, characters/s and tokens/s of tokenize + pack (the fast tokenizer on batches of
-    `corpus.TOKENIZE_BATCH` documents, ids joined by the separator, cut into rows of `seq_len`).
-
-    Settings, each in a fresh process: the tokenizer on one thread; and, with `workers` > 1 (default: the CPU
-    count), on `workers` threads (its own batch parallelism, which `load_training_data` uses unless
-    TOKENIZERS_PARALLELISM=false) and in `workers` processes of one thread each. Reading is timed separately; the
-    last setting `load_training_data` uses also times it end to end, cold (hash + read + tokenize + pack + write
-    the cache) and warm (a cache hit).
-    """
-    from elo_cpt import checkpoint, corpus
-
-    sources = [sources] if isinstance(sources, str) else list(sources)
-    if not sources:
-        raise EloError("give the corpus to tokenize with --data PATH")
-    if not (Path(tokenizer_dir) / "tokenizer.json").is_file() and not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
-        raise EloError(f"{tokenizer_dir} holds no tokenizer; give a model folder")
-    if seq_len < 2:
-        raise EloError("--seq must be >= 2")
-    checkpoint.load_tokenizer(tokenizer_dir)  # fails here, not in every worker, if it cannot be loaded
-    workers = workers or os.cpu_count() or 1
-    one_thread = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
-    settings = [("1 thread", 1, one_thread, workers == 1)]
-    if workers > 1:
-        settings += [(f"{workers} threads", 1, {"TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": str(workers)}, True),
-                     (f"{workers} processes", workers, one_thread, False)]
-    rows = {}
-    for name, processes, env, end_to_end in settings:
-        log(f"tokenize + pack, {name} ...")
-        args = dict(sources=[str(s) for s in sources], tokenizer_dir=str(tokenizer_dir), seq_len=seq_len,
-                    max_documents=max_documents, processes=processes, end_to_end=end_to_end)
-        code = "import json, sys; from elo_cpt.benchmark import tokenization_worker as w; print(json.dumps(w(**json.loads(sys.argv[1]))))"
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise EloError(f"tokenization benchmark ({name}) failed (exit {proc.returncode}): {tail}")
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        seconds = row["tokenize_pack_s"]
-        row.update(documents_per_s=row["documents"] / seconds, characters_per_s=row["characters"] / seconds,
-                   tokens_per_s=row["tokens"] / seconds)
-        rows[name] = row
-    result = {"sources": [str(s) for s in sources], "tokenizer": str(tokenizer_dir), "seq": seq_len,
-              "batch_documents": corpus.TOKENIZE_BATCH, "machine": study_report.machine(), "settings": rows}
-    print(format_tokenization_table(result))
-    if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
-def format_tokenization_table(result: dict) -> str:
-    first = next(iter(result["settings"].values()))
-    lines = [f"tokenize + pack {first['documents']:,} documents ({first['characters']:,} characters, {first['tokens']:,} tokens) "
-             f"into rows of {result['seq']}, read in {first['read_s']:.2f} s; {result['machine']['cpu_count']} CPUs",
-             f"{'setting':<12} {'seconds':>8} {'docs/s':>9} {'chars/s':>11} {'tokens/s':>10}"]
-    for name, row in result["settings"].items():
-        lines.append(f"{name:<12} {row['tokenize_pack_s']:>8.2f} {row['documents_per_s']:>9,.0f} {row['characters_per_s']:>11,.0f} "
-                     f"{row['tokens_per_s']:>10,.0f}")
-    for name, row in result["settings"].items():
-        if "load_cold_s" in row:
-            lines.append(f"load_training_data ({name}): {row['load_cold_s']:.2f} s cold (hash, read, tokenize, pack, write "
-                         f"the cache), {row['load_warm_s']:.3f} s warm (cache hit)")
+        lines.append("* estimated, not run (weights + gradients + optimizer state + activations + logits)")
     return "\n".join(lines)
 
 

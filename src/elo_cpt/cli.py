@@ -8,8 +8,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from elo_cpt import cli_stage1, distributed
-from elo_cpt.config import elo_version
+from elo_cpt import cli_stage1, cli_tools, distributed
+from elo_cpt.config import OPTIMIZERS, elo_version
 from elo_cpt.errors import EloError
 
 DEFAULT_OUT = "runs/default"
@@ -57,8 +57,10 @@ def _add_training_options(parser: argparse.ArgumentParser, lr: float, data_help:
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order and initialisation (default 0)")
     parser.add_argument("--save-steps", type=int, default=50, help="resumable checkpoint every N steps (default 50)")
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "adamw_kahan"],
-                        help="adamw_8bit needs bitsandbytes; adamw_kahan (Kahan-summed updates, for bf16-true) needs torch-optimi")
+    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="adamw_8bit needs bitsandbytes; adamw_kahan "
+                        "(Kahan-summed updates, for bf16-true) needs torch-optimi; memory-lean: adafactor, galore "
+                        "(galore-torch), apollo (apollo-torch); docs/training.md")
+    parser.add_argument("--optimizer-rank", type=int, default=128, help="rank of galore's and apollo's projections (default 128)")
     parser.add_argument("--precision", default="auto", metavar="{auto,32-true,bf16-mixed,bf16-true}",
                         help="auto (default): bf16-mixed on a GPU with bf16, else 32-true; bf16-mixed keeps fp32 master weights; "
                              "bf16-true needs --optimizer adamw_kahan")
@@ -163,26 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("assets", help="prepare and cache the default model, corpora and demo conversations; print where they are").add_argument(
         "--language", default="de", help="target language of the corpora: de (default) or ko")
 
-    bench = sub.add_parser("bench", help="tokens/s and peak memory per training step of each method, next to the cost model")
-    bench.add_argument("model", help="model folder, or a named shape with random weights: smollm2-135m, llama-3.2-1b, llama-3.1-8b, mistral-7b, qwen2-7b")
-    bench.add_argument("--methods", default="elo,freeze,lora,fft,align", help="comma-separated: elo,freeze,lora,fft,align,elo-logits (default: the first five)")
-    bench.add_argument("--batch-size", "--batch", dest="batch", type=int, default=4, help="sequences per step (default 4)")
-    bench.add_argument("--seq-len", "--seq", dest="seq", type=int, default=256, help="tokens per sequence (default 256)")
-    bench.add_argument("--steps", type=int, default=3, help="timed steps per method (default 3)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    bench.add_argument("--layers", default="0,-1", help="layers ELO and freeze train (default 0,-1)")
-    bench.add_argument("--loss-chunk", type=int, default=1024, help="positions per chunk of the vocabulary loss; 0: full logits")
-    bench.add_argument("--lora-rank", type=int, default=16)
-    bench.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed", "bf16-true"],
-                       help="as in training (default auto: bf16-mixed on a GPU with bf16, else 32-true); bf16-true steps "
-                            "with Kahan summation (needs torch-optimi)")
-    bench.add_argument("--dtype", choices=["float32", "bfloat16"], help=argparse.SUPPRESS)  # before --precision: 32-true, bf16-true
-    bench.add_argument("--force", action="store_true", help="run methods even where the memory estimate exceeds what is available")
-    bench.add_argument("--json", help="write the results to this JSON file")
-    bench.add_argument("--data", action="append", metavar="SOURCE",
-                       help="instead: tokenize + pack throughput of this corpus (repeatable) with MODEL's tokenizer, at --seq")
-    bench.add_argument("--documents", type=int, metavar="N", help="with --data: only the first N documents")
-    bench.add_argument("--workers", type=int, metavar="N", help="with --data: also time N threads and N processes (default: the CPU count)")
+    cli_tools.add_parsers(sub)  # bench, plan
 
     vocab = sub.add_parser("vocab", help="add tokens learned from target-language text to a byte-level BPE model (docs/vocab.md)")
     vocab.add_argument("model", help="Hugging Face model folder or hub id with a byte-level BPE tokenizer")
@@ -216,7 +199,7 @@ def _train_config(args: argparse.Namespace):
     from elo_cpt.config import TrainConfig
 
     return TrainConfig(tokens=args.tokens, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                       save_steps=args.save_steps, optimizer=args.optimizer, precision=args.precision, loss_chunk=args.loss_chunk,
+                       save_steps=args.save_steps, optimizer=args.optimizer, optimizer_rank=args.optimizer_rank, precision=args.precision, loss_chunk=args.loss_chunk,
                        gradient_checkpointing=args.gradient_checkpointing, lora_rank=getattr(args, "lora_rank", 16),
                        schedule=args.schedule, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
                        max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, eval_steps=args.eval_steps,
@@ -319,8 +302,8 @@ def dispatch(args: argparse.Namespace) -> None:
         tokens = args.tokens if args.tokens == "auto" else _count(args.tokens, "--tokens")
         used = api.bridge(args.shallow, args.data, tokens, args.seq_len)
         print(f"bridges fitted on {used:,} tokens; saved in {args.shallow}")
-    elif cli_stage1.dispatch(args, api):
-        pass
+    elif args.command in cli_stage1.COMMANDS:
+        cli_stage1.dispatch(args, api)
     elif args.command == "pretrain":
         stats = api.pretrain(args.shallow, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.train_norm,
                              held_out=_held_out(args), train_new_rows=args.train_new_rows)
@@ -345,13 +328,8 @@ def dispatch(args: argparse.Namespace) -> None:
     elif args.command == "report":
         html_path, md_path = api.write_report(args.run_dir)
         print(f"{html_path}\n{md_path}")
-    elif args.command == "bench" and args.data:
-        from elo_cpt.benchmark import bench_tokenization
-
-        bench_tokenization(args.data, args.model, args.seq, args.documents, args.workers, args.json)
-    elif args.command == "bench":
-        api.bench(args.model, args.methods, args.batch, args.seq, args.steps, args.warmup, args.layers, args.loss_chunk,
-                  args.lora_rank, {"float32": "32-true", "bfloat16": "bf16-true"}.get(args.dtype, args.precision), args.json, args.force)
+    elif args.command in cli_tools.COMMANDS:
+        cli_tools.dispatch(args, api)
     elif args.command == "vocab":
         done = api.vocab(args.model, args.data, args.add, args.out, ascii_context=args.ascii_context)
         print(f"{args.out}: {done['added']:,} new tokens, vocabulary {done['vocab_size']:,}; tokens per character on the "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+COMMANDS = ("probe", "emulator")
 DATA_HELP = "target-language text: a .txt, .jsonl or .parquet file, a folder, a glob or hf:NAME (docs/data.md); repeat to mix"
 
 
@@ -35,20 +36,16 @@ def add_parsers(sub) -> None:
     emulator.add_argument("--out", help="also write the shallow model with the emulator here, for elo pretrain")
 
 
-def dispatch(args: argparse.Namespace, api) -> bool:
-    """Run `args.command` if it is one of this module's; whether it was."""
+def dispatch(args: argparse.Namespace, api) -> None:
     if args.command == "probe":
         from elo_cpt.layerprobe import format_table
 
         result = api.probe(args.model, args.data, args.english, args.tokens, args.seq_len, args.layers, args.out, args.language)
         print(format_table(result))
-        return True
-    if args.command == "emulator":
+    elif args.command == "emulator":
         info = api.emulator(args.model, args.layers, args.emulator_layers, args.data, args.out, args.tokens, args.seq_len,
                             args.lr, loss=args.loss)
         print(f"emulator of layers {info['sources']} (for the removed {info['gap'][0] + 1}..{info['gap'][1] - 1}): relative "
               f"error {info['error_before']:.4f} -> {info['error_after']:.4f} (no emulator {info['error_skip']:.4f}), per token "
               f"{info['token_error_before']:.4f} -> {info['token_error_after']:.4f} (no emulator {info['token_error_skip']:.4f}); "
               f"cached in {info['cache']}" + (f"; shallow model in {info['shallow']}" if info["shallow"] else ""))
-        return True
-    return False

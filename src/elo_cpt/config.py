@@ -21,8 +21,9 @@ from elo_cpt.errors import EloError
 AUTO = "auto"
 #: Training precisions, with Lightning's names; `auto` resolves to one of the others on the hardware at hand.
 PRECISIONS = (AUTO, "32-true", "bf16-mixed", "bf16-true")
-#: Optimizers by their config name. `adamw_kahan` keeps bf16 weights' small updates (Kahan summation).
-OPTIMIZERS = ("adamw", "adamw_8bit", "adamw_kahan")
+#: Optimizers by their config name. `adamw_kahan` keeps bf16 weights' small updates (Kahan summation); adafactor,
+#: adamw_8bit, galore and apollo keep less optimizer state than AdamW (docs/training.md, "Memory-lean optimizers").
+OPTIMIZERS = ("adamw", "adamw_8bit", "adamw_kahan", "adafactor", "galore", "apollo")
 #: Experiment trackers `report_to` can name (transformers' integrations), and `none`.
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "dvclive", "neptune", "none")
 #: Why bf16-true is refused with a plain optimizer (shared by the config and the training commands).
@@ -54,8 +55,13 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 turns clipping off)."""
     optimizer: str = "adamw"
-    """`adamw` (PyTorch AdamW), `adamw_8bit` (bitsandbytes' 8-bit AdamW, the paper's; needs bitsandbytes) or
-    `adamw_kahan` (torch-optimi's AdamW with Kahan-summed updates, which bf16-true needs; needs torch-optimi)."""
+    """`adamw` (PyTorch AdamW), `adamw_8bit` (bitsandbytes' 8-bit AdamW, the paper's; needs bitsandbytes),
+    `adamw_kahan` (torch-optimi's AdamW with Kahan-summed updates, which bf16-true needs; needs torch-optimi), or a
+    memory-lean one: `adafactor` (factored second moment, no first moment), `galore` (GaLore's AdamW on low-rank
+    projected gradients of the decoder layers' linear weights; needs galore-torch) or `apollo` (APOLLO: AdamW state
+    in a random low-rank space, per-channel scaling; needs apollo-torch). Table: docs/training.md."""
+    optimizer_rank: int = 128
+    """Rank of galore's and apollo's projections (their own default, 128); other optimizers ignore it."""
     precision: str = AUTO
     """32-true (fp32 throughout), bf16-mixed (fp32 master weights and optimizer state, bf16 autocast compute),
     bf16-true (bf16 weights; only with optimizer adamw_kahan, since plain AdamW steps of about lr round away in
@@ -320,6 +326,7 @@ def train_checks(train: TrainConfig, prefix: str = "", min_tokens: int = 1) -> l
         (train.lora_rank >= 1, f"{prefix}lora_rank must be >= 1"),
         (train.weight_decay >= 0 and train.max_grad_norm >= 0, f"{prefix}weight_decay and {prefix}max_grad_norm must be >= 0"),
         (train.optimizer in OPTIMIZERS, f"{prefix}optimizer must be one of {', '.join(OPTIMIZERS)}, not {train.optimizer!r}"),
+        (train.optimizer_rank >= 1, f"{prefix}optimizer_rank must be >= 1 (the rank of galore's and apollo's projections)"),
         (train.precision in PRECISIONS, f"{prefix}precision must be one of {', '.join(PRECISIONS)}, not {train.precision!r}"),
         (train.precision != "bf16-true" or train.optimizer == "adamw_kahan", f"{prefix}precision bf16-true {BF16_TRUE_NEEDS}"),
         (train.logging_steps >= 0, f"{prefix}logging_steps must be >= 0 (0: about 20 log points per stage)"),

@@ -23,8 +23,6 @@ from dataclasses import asdict, dataclass
 from elo_cpt.errors import EloError
 
 METHODS = ("elo", "freeze", "lora", "fft", "align")
-#: Bytes per trainable parameter besides its weight: fp32 gradient (4) + AdamW's two fp32 moments (8).
-TRAIN_STATE_BYTES = 12
 
 
 @dataclass(frozen=True)
@@ -204,23 +202,100 @@ def pipeline_speedup(stage1_rate: float, align_rate: float, fft_rate: float, sta
     return (1 / fft_rate) / elo_time
 
 
+#: Optimizers whose state `optimizer_state_bytes` models (config.OPTIMIZERS; docs/training.md's table).
+OPTIMIZER_STATES = ("adamw", "adamw_kahan", "adamw_8bit", "adafactor", "galore", "apollo")
+#: bitsandbytes quantizes the state of tensors of at least this many elements (its `min_8bit_size`).
+BNB_MIN_8BIT = 4096
+
+
+def trainable_tensors(shape: Shape, method: str, layers: list[int], lora_rank: int = 16) -> list[tuple[str, int, int]]:
+    """(kind, rows, cols) of every tensor `method` trains: `linear` (an nn.Linear of a decoder layer, what galore and
+    apollo project), `embedding`, `matrix` (head, router, experts, LoRA adapters) or `vector` (norms; cols 1)."""
+    h = shape.hidden
+    tensors: list[tuple[str, int, int]] = []
+
+    def layer(i: int) -> None:
+        tensors.extend(("linear", out, inp) for inp, out in shape.layer_linears(i))
+        if shape.sparse(i):
+            tensors.append(("matrix", shape.experts, h))
+            tensors.extend([("matrix", shape.expert_intermediate, h)] * 3 * shape.experts)
+        tensors.extend([("vector", h, 1)] * 2)
+
+    if method in ("fft", "align"):
+        tensors.append(("embedding", shape.vocab, h))
+        for i in range(shape.num_layers):
+            layer(i)
+        tensors.append(("vector", h, 1))
+        if not shape.tied:
+            tensors.append(("matrix", shape.vocab, h))
+    elif method == "lora":
+        for i in range(shape.num_layers):
+            tensors.extend(t for inp, out in shape.layer_linears(i) for t in (("matrix", lora_rank, inp), ("matrix", out, lora_rank)))
+    else:  # elo, freeze: the selected layers
+        for i in layers:
+            layer(i)
+    return tensors
+
+
+def optimizer_state_bytes(tensors: list[tuple[str, int, int]], optimizer: str = "adamw", rank: int = 128,
+                          dtype_bytes: int = 4) -> int:
+    """Bytes of optimizer state for `tensors` (from `trainable_tensors`), as each optimizer keeps it: AdamW two moments
+    in fp32 (torch) or in the weights' dtype plus a Kahan buffer for low-precision weights (torch-optimi); 8-bit AdamW
+    one byte per moment of tensors of 4,096+ elements except embeddings (Trainer keeps those 32-bit); Adafactor a row
+    and a column per matrix; galore and apollo AdamW moments of rank-`rank` projections of the decoder linears plus
+    the projection. Step counters are left out."""
+    if optimizer not in OPTIMIZER_STATES:
+        raise EloError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZER_STATES)}")
+    total = 0
+    for kind, m, n in tensors:
+        numel = m * n
+        if optimizer == "adamw_kahan":
+            total += numel * (2 * dtype_bytes + (dtype_bytes if dtype_bytes < 4 else 0))
+        elif optimizer == "adamw_8bit":
+            quantized = numel >= BNB_MIN_8BIT and kind != "embedding"  # two uint8 moments, 2 x 256-entry maps, absmax per 256
+            total += 2 * numel + 2048 + 8 * -(-numel // 256) if quantized else 8 * numel
+        elif optimizer == "adafactor":
+            total += 4 * (m + n if n > 1 and m > 1 else numel)
+        elif optimizer in ("galore", "apollo") and kind == "linear":
+            r = min(rank, m, n)
+            total += 4 * r * (2 * max(m, n) + min(m, n))
+        else:
+            total += 8 * numel
+    return total
+
+
 def estimate_memory_bytes(shape: Shape, method: str, layers: list[int], batch: int, seq: int,
                           loss_chunk: int = 1024, lora_rank: int = 16, dtype_bytes: int = 4,
-                          activation_bytes: int | None = None) -> dict[str, int]:
-    """A rough peak-memory estimate of one training step, without the runtime's own footprint.
+                          activation_bytes: int | None = None, optimizer: str = "adamw", optimizer_rank: int = 128,
+                          checkpointing: bool = False, shards: int = 1) -> dict[str, int]:
+    """A peak-memory estimate of one training step (per process), without the runtime's own footprint.
 
-    weights (every parameter of the computed model) + trainable x (gradient + AdamW moments, fp32) + saved
-    activations (~(10 hidden + 4 intermediate) values per token per computed layer) + logits (batch x seq x vocab,
-    about 3 copies: logits, softmax, gradient; one chunk x vocab block with the chunked loss). Weights take
-    `dtype_bytes` each, saved activations `activation_bytes` (default the same; 2 under bf16 autocast).
-    """
+    weights (every parameter of the computed model) + gradients of the trainable ones (in the weights' dtype) +
+    optimizer state (`optimizer_state_bytes`) + saved activations (~(10 hidden + 4 intermediate) values per token per
+    computed layer; with `checkpointing`, each layer's input plus one layer's full set, recomputed) + logits (batch x
+    seq x vocab, about 3 fp32 copies: logits, softmax, gradient; one chunk x vocab block with the chunked loss).
+    Weights take `dtype_bytes` each, saved activations `activation_bytes` (default the same; 2 under bf16 autocast).
+    `shards` > 1 is FSDP full sharding / ZeRO-3 over that many processes: weights, gradients and optimizer state are
+    split, two decoder layers are gathered whole at a time (the one computing and the one prefetched), and the loss
+    is not chunked (elo-cpt's engine turns chunking off when parameters are sharded)."""
     cost = step_cost(shape, method, layers, lora_rank)
     computed = cost.computed_layers
     weights = shape.total_params(computed) * dtype_bytes
-    train_state = cost.trainable_params * TRAIN_STATE_BYTES
+    gradients = cost.trainable_params * dtype_bytes
+    state = optimizer_state_bytes(trainable_tensors(shape, method, layers, lora_rank), optimizer, optimizer_rank, dtype_bytes)
     tokens = batch * seq
-    activations = tokens * computed * (10 * shape.hidden + 4 * shape.active_intermediate) * (activation_bytes or dtype_bytes)
+    per_layer = tokens * (10 * shape.hidden + 4 * shape.active_intermediate) * (activation_bytes or dtype_bytes)
+    if checkpointing:
+        activations = tokens * computed * shape.hidden * (activation_bytes or dtype_bytes) + per_layer
+    else:
+        activations = per_layer * computed
+    gathered = 0
+    if shards > 1:
+        weights, gradients, state = -(-weights // shards), -(-gradients // shards), -(-state // shards)
+        gathered = 2 * max(map(shape.layer_params_at, range(shape.num_layers))) * dtype_bytes
+        loss_chunk = 0
     logit_rows = min(loss_chunk, tokens) if loss_chunk else tokens
     logits = 3 * logit_rows * shape.vocab * 4
-    total = weights + train_state + activations + logits
-    return {"weights": weights, "grads_and_optimizer": train_state, "activations": activations, "logits": logits, "total": total}
+    total = weights + gradients + state + activations + logits + gathered
+    return {"weights": weights, "gradients": gradients, "optimizer": state, "activations": activations,
+            "logits": logits, "gathered": gathered, "total": total}

@@ -233,6 +233,7 @@ def training_arguments(cfg: TrainConfig, work_dir: Path, steps: int, seed: int, 
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=optim,
+        **precision_mod.optimizer_arguments(cfg),  # galore's and apollo's target modules and rank
         activation_checkpointing=cfg.gradient_checkpointing,
         num_train_epochs=1,
         logging_steps=cfg.logging_steps or max(1, steps // 20),
@@ -249,6 +250,19 @@ def training_arguments(cfg: TrainConfig, work_dir: Path, steps: int, seed: int, 
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
     )
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer `run_trainer` steps `model` with under `cfg`, built by Trainer's own code (its parameter groups,
+    galore's and apollo's target modules, bitsandbytes' fp32 embeddings), for loops that step it themselves
+    (`elo bench`, the optimizer tests)."""
+    import tempfile
+
+    optim, custom = precision_mod.optimizer(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, optim=optim, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+                                 report_to="none", use_cpu=not torch.cuda.is_available(), **precision_mod.optimizer_arguments(cfg))
+        return Trainer(model=model, args=args, optimizer_cls_and_kwargs=custom).create_optimizer()
 
 
 def save_loss_plot(losses: list[tuple[int, float]], path: Path) -> None:

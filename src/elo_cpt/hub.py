@@ -64,3 +64,20 @@ def fetch(path: Path) -> None:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         first = first_line(err)
         raise EloError(f"cannot fetch {path.name} of model {repo_id} from the Hugging Face hub ({first})") from None
+
+
+def config_folder(spec: str) -> Path:
+    """A cache folder holding hub model `spec`'s config.json alone (what `elo plan` reads; no weights, no tokenizer)."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, _, revision = spec.partition("@")
+    try:
+        return Path(hf_hub_download(repo_id, "config.json", revision=revision or None)).parent
+    except LocalEntryNotFoundError:
+        why = "the hub is off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise EloError(f"the config of model {spec} is not in the Hugging Face cache and {why}; fetch it once with the "
+                       "network on, or pass a local model folder or a named shape") from None
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise EloError(f"cannot fetch the config of model {spec} from the Hugging Face hub ({first_line(err)}); check "
+                       "the id and revision, and log in (hf auth login) for gated models") from None

@@ -33,14 +33,17 @@ def hardware() -> dict:
             "gpus": torch.cuda.device_count() if cuda else 0, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+#: Trainer's `optim` name of each config optimizer Trainer builds itself, and the package it needs (import, pip name).
+TRAINER_OPTIM = {"adamw": ("adamw_torch", None), "adamw_8bit": ("adamw_bnb_8bit", ("bitsandbytes", "bitsandbytes")),
+                 "adafactor": ("adafactor", None), "galore": ("galore_adamw", ("galore_torch", "galore-torch")),
+                 "apollo": ("apollo_adamw", ("apollo_torch", "apollo-torch"))}
+#: What galore and apollo project: the linear layers inside the decoder layers (Trainer takes only nn.Linear modules);
+#: embeddings, head and norms keep plain AdamW state, as in both papers.
+LOW_RANK_TARGETS = r".*\.(layers|h|blocks)\.\d+\..*"
+
+
 def optimizer(cfg: TrainConfig) -> tuple[str, tuple[type, dict] | None]:
     """Trainer's `optim` name, or the class and arguments of an optimizer Trainer does not know."""
-    if cfg.optimizer == "adamw_8bit":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise EloError("optimizer adamw_8bit needs bitsandbytes; pip install bitsandbytes, or use optimizer=adamw") from None
-        return "adamw_bnb_8bit", None
     if cfg.optimizer == "adamw_kahan":
         try:
             from optimi import AdamW
@@ -48,4 +51,17 @@ def optimizer(cfg: TrainConfig) -> tuple[str, tuple[type, dict] | None]:
             raise EloError("optimizer adamw_kahan needs torch-optimi; pip install torch-optimi, or use optimizer=adamw") from None
         # torch's AdamW defaults, so that only the summation differs from optimizer adamw
         return "adamw_torch", (AdamW, {"lr": cfg.lr, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": cfg.weight_decay, "kahan_sum": True})
-    return "adamw_torch", None
+    optim, package = TRAINER_OPTIM[cfg.optimizer]
+    if package:
+        import importlib.util
+
+        if importlib.util.find_spec(package[0]) is None:
+            raise EloError(f"optimizer {cfg.optimizer} needs {package[1]}; pip install {package[1]}, or use optimizer=adamw")
+    return optim, None
+
+
+def optimizer_arguments(cfg: TrainConfig) -> dict:
+    """The TrainingArguments an optimizer needs besides `optim`: galore's and apollo's target modules and rank."""
+    if cfg.optimizer in ("galore", "apollo"):
+        return {"optim_target_modules": LOW_RANK_TARGETS, "optim_args": f"rank={cfg.optimizer_rank}"}
+    return {}
