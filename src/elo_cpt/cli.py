@@ -317,7 +317,7 @@ def dispatch(args: argparse.Namespace) -> None:
         print(_trained(stats, args.out))
     elif args.command == "finetune":
         stats = api.finetune(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.method, args.layers,
-                             held_out=_held_out(args), train_new_rows=args.train_new_rows)
+                             held_out=_held_out(args))
         print(_trained(stats, args.out))
     elif args.command == "sft":
         stats = api.sft(args.model, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.method,
