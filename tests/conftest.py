@@ -31,6 +31,41 @@ if "ELO_CPT_TOKEN_CACHE" not in os.environ:
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
+#: The longest tests, in seconds on 2 busy CI cores with one thread each (`pytest --durations=50`). Under xdist they
+#: start first, dealt out so that each worker begins with an equal share (see pytest_collection_modifyitems).
+LONG_TESTS = {
+    "test_default_pipeline_on_smollm2_improves_german": 1790, "test_sft_on_smollm2_lowers_held_out_german_answer_bits_per_char": 750,
+    "test_bf16_mixed_stage1_tracks_fp32_on_smollm2": 500, "test_study_runs_every_method_and_resumes": 260,
+    "test_stage_by_stage": 160, "test_study_cells_train_on_two_processes": 130, "test_bench_cli_smoke": 100,
+    "test_sigkill_and_rerun_gives_the_uninterrupted_weights": 90, "test_killing_one_rank_then_rerunning_resumes": 80,
+    "test_detach_and_merge_of_a_3gb_checkpoint_stay_far_below_its_size": 80,
+}
+
+
+@pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselection
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's work stealing, worker i starts with the i-th equal part of the test list and steals from
+    the end of the others' parts once its own is done. A long test at the end of a part would start last and decide
+    when the suite ends; so the long tests go first, each to the part with the least long work so far, and the
+    other tests, in their usual order, fill the parts to equal counts."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 2 or len(items) < 2 * workers:
+        return
+    cost = {item: LONG_TESTS.get(item.originalname, 0) for item in items}
+    parts, loads = [[] for _ in range(workers)], [0] * workers
+    for item in sorted((i for i in items if cost[i]), key=cost.get, reverse=True):
+        part = loads.index(min(loads))
+        parts[part].append(item)
+        loads[part] += cost[item]
+    rest = [item for item in items if not cost[item]]
+    for i, part in enumerate(parts):
+        size = len(items) // workers if i < workers - 1 else len(items)  # the last part takes the remainder
+        take = max(0, size - len(part))
+        part += rest[:take]
+        del rest[:take]
+    items[:] = [item for part in parts for item in part] + rest
+
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TEXT = FIXTURES / "text"
 VOCAB = 384
