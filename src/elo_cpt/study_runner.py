@@ -16,9 +16,8 @@ Methods:
     base                 the untrained model, evaluated
     elo                  stage 1, write-back and alignment; its merged model (before alignment) is evaluated too
     control              alignment only: the reference ELO cell's alignment, on the same data, from the base model
-    fft | lora | freeze  a baseline trained from the base model on the stage-1 corpora (same mixture settings) with
-                         the reference ELO cell's training tokens (`budget: tokens`) or its cost-model FLOPs
-                         (`budget: flops`); it takes its optimiser settings from the `align` section
+    fft | lora | freeze  a baseline from the base model on the stage-1 corpora with the reference ELO cell's tokens
+                         (`budget: tokens`) or cost-model FLOPs (`budget: flops`), optimiser settings from `align`
 
 Every cell runs in a fresh process (so its peak memory is its own) and writes `cells/NAME/result.json` last: a
 rerun skips finished cells and resumes the unfinished one from its last checkpoint. Cells whose stage 1 is the
@@ -159,11 +158,9 @@ def cell_config(study: Study, cell: Cell) -> RunConfig:
         cfg = config_mod.from_dict(study.run, cell.set)
     except EloError as err:
         raise EloError(f"cell {cell.name}: {err}") from None
-    # a study cell runs stage 1, the write-back, the alignment and the evaluation; these settings would be ignored
-    for key, given in (("vocab.add", cfg.vocab.add), ("chat.base", cfg.chat.base), ("sft.data", cfg.sft.data)):
-        if given:
-            raise EloError(f"cell {cell.name}: {key} is not supported in a study yet (cells do not extend the vocabulary "
-                           "or run stage 3); run it with `elo run`, or remove it from the study")
+    for key in [k for k, given in (("vocab.add", cfg.vocab.add), ("chat.base", cfg.chat.base), ("sft.data", cfg.sft.data)) if given][:1]:
+        raise EloError(f"cell {cell.name}: {key} is not supported in a study yet (cells do not extend the vocabulary or "
+                       "run stage 3, so it would be ignored); run it with `elo run`, or remove it from the study")
     return cfg
 
 
