@@ -158,9 +158,9 @@ def cell_config(study: Study, cell: Cell) -> RunConfig:
         cfg = config_mod.from_dict(study.run, cell.set)
     except EloError as err:
         raise EloError(f"cell {cell.name}: {err}") from None
-    for key in [k for k, given in (("vocab.add", cfg.vocab.add), ("chat.base", cfg.chat.base), ("sft.data", cfg.sft.data)) if given][:1]:
-        raise EloError(f"cell {cell.name}: {key} is not supported in a study yet (cells do not extend the vocabulary or "
-                       "run stage 3, so it would be ignored); run it with `elo run`, or remove it from the study")
+    unsupported = {"vocab.add": cfg.vocab.add, "chat.base": cfg.chat.base, "sft.data": cfg.sft.data}
+    if ignored := next((key for key, given in unsupported.items() if given), None):
+        raise EloError(f"cell {cell.name}: {ignored} is not supported in a study (no vocabulary extension or stage 3 in cells); use elo run")
     return cfg
 
 
