@@ -13,7 +13,7 @@ PACKAGE = Path(elo_cpt.__file__).parent
 LEVELS = {
     0: {"errors", "config", "configparse", "checkpoint", "costmodel", "demo", "report", "report_figures",
         "study_report", "samples", "precision", "hub", "distributed", "modelcard", "findings", "files", "report_chat"},
-    1: {"corpus", "tokencache", "data", "surgery", "stageclock", "chatvector", "chatdata", "chattokens", "vocabulary"},
+    1: {"corpus", "tokencache", "data", "surgery", "backward_step", "stageclock", "chatvector", "chatdata", "chattokens", "vocabulary"},
     2: {"engine", "train", "evaluation", "lmeval", "chateval", "layerprobe", "emulation"},
     3: {"pipeline", "pipeline_eval", "pipeline_stage3", "study_runner", "benchmark", "benchdata", "planner"},
     4: {"cli", "cli_stage1", "cli_tools", "__init__", "__main__"},

@@ -66,6 +66,8 @@ def _add_training_options(parser: argparse.ArgumentParser, lr: float, data_help:
                              "bf16-true needs --optimizer adamw_kahan")
     parser.add_argument("--loss-chunk", type=int, default=1024, help="positions per chunk of the vocabulary loss; 0: full logits")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    parser.add_argument("--step-in-backward", action="store_true", help="step each weight in the backward pass and free its "
+                        "gradient: less memory (adamw, adamw_kahan, adafactor; one process, no accumulation, no global clipping)")
     parser.add_argument("--schedule", default="cosine", help="learning-rate schedule after warm-up: cosine, linear, constant, ... (default cosine)")
     parser.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of the steps warming the learning rate up (default 0.05)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
@@ -200,7 +202,7 @@ def _train_config(args: argparse.Namespace):
 
     return TrainConfig(tokens=args.tokens, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        save_steps=args.save_steps, optimizer=args.optimizer, optimizer_rank=args.optimizer_rank, precision=args.precision, loss_chunk=args.loss_chunk,
-                       gradient_checkpointing=args.gradient_checkpointing, lora_rank=getattr(args, "lora_rank", 16),
+                       gradient_checkpointing=args.gradient_checkpointing, step_in_backward=args.step_in_backward, lora_rank=getattr(args, "lora_rank", 16),
                        schedule=args.schedule, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
                        max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, eval_steps=args.eval_steps,
                        report_to=[t.strip() for t in args.report_to.split(",") if t.strip()])

@@ -24,6 +24,9 @@ PRECISIONS = (AUTO, "32-true", "bf16-mixed", "bf16-true")
 #: Optimizers by their config name. `adamw_kahan` keeps bf16 weights' small updates (Kahan summation); adafactor,
 #: adamw_8bit, galore and apollo keep less optimizer state than AdamW (docs/training.md, "Memory-lean optimizers").
 OPTIMIZERS = ("adamw", "adamw_8bit", "adamw_kahan", "adafactor", "galore", "apollo")
+#: Optimizers `step_in_backward` can step one parameter at a time (galore's and apollo's projections and
+#: bitsandbytes' embedding override are set up for the whole model by Trainer).
+STEP_IN_BACKWARD_OPTIMIZERS = ("adamw", "adamw_kahan", "adafactor")
 #: Experiment trackers `report_to` can name (transformers' integrations), and `none`.
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "dvclive", "neptune", "none")
 #: Why bf16-true is refused with a plain optimizer (shared by the config and the training commands).
@@ -70,6 +73,11 @@ class TrainConfig:
     """Token positions per chunk of the vocabulary loss, so the full logits never exist at once; 0 computes them whole."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    step_in_backward: bool = False
+    """Step each parameter's optimizer as soon as its gradient is complete and free that gradient, so the whole
+    model's gradients never exist at once (torchtune's optimizer-in-backward): less memory by about the trained
+    weights' size. With adamw, adamw_kahan or adafactor; needs grad_accum 1 and one process, and clips no global
+    gradient norm (max_grad_norm is ignored)."""
     lora_rank: int = 16
     """Rank of the LoRA adapters (LoRA baseline only)."""
     logging_steps: int = 0
@@ -329,6 +337,11 @@ def train_checks(train: TrainConfig, prefix: str = "", min_tokens: int = 1) -> l
         (train.optimizer_rank >= 1, f"{prefix}optimizer_rank must be >= 1 (the rank of galore's and apollo's projections)"),
         (train.precision in PRECISIONS, f"{prefix}precision must be one of {', '.join(PRECISIONS)}, not {train.precision!r}"),
         (train.precision != "bf16-true" or train.optimizer == "adamw_kahan", f"{prefix}precision bf16-true {BF16_TRUE_NEEDS}"),
+        (not train.step_in_backward or train.optimizer in STEP_IN_BACKWARD_OPTIMIZERS,
+         f"{prefix}step_in_backward works with optimizer {', '.join(STEP_IN_BACKWARD_OPTIMIZERS)}, not {train.optimizer}"),
+        (not train.step_in_backward or train.grad_accum == 1,
+         f"{prefix}step_in_backward steps at every backward pass, so it cannot accumulate gradients: set {prefix}grad_accum 1 "
+         f"(raise {prefix}batch_size instead) or turn step_in_backward off"),
         (train.logging_steps >= 0, f"{prefix}logging_steps must be >= 0 (0: about 20 log points per stage)"),
         (train.eval_steps >= 0, f"{prefix}eval_steps must be >= 0 (0: no held-out loss during training)"),
         (set(train.report_to) <= set(TRACKERS), f"{prefix}report_to takes some of {', '.join(TRACKERS)}, not {train.report_to!r}"),

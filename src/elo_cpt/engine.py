@@ -23,6 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 from elo_cpt import data, distributed
+from elo_cpt.backward_step import StepInBackward
 from elo_cpt import precision as precision_mod
 from elo_cpt.config import TrainConfig
 from elo_cpt.errors import EloError
@@ -231,7 +232,7 @@ def training_arguments(cfg: TrainConfig, work_dir: Path, steps: int, seed: int, 
         lr_scheduler_type=cfg.schedule,
         warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
         weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
+        max_grad_norm=0.0 if cfg.step_in_backward else cfg.max_grad_norm,  # no global norm: each weight steps alone
         optim=optim,
         **precision_mod.optimizer_arguments(cfg),  # galore's and apollo's target modules and rank
         activation_checkpointing=cfg.gradient_checkpointing,
@@ -262,7 +263,19 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, optim=optim, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
                                  report_to="none", use_cpu=not torch.cuda.is_available(), **precision_mod.optimizer_arguments(cfg))
+        custom = _in_backward(cfg, args, model, custom)
         return Trainer(model=model, args=args, optimizer_cls_and_kwargs=custom).create_optimizer()
+
+
+def _in_backward(cfg: TrainConfig, args: TrainingArguments, model: nn.Module, custom: tuple[type, dict] | None) -> tuple[type, dict] | None:
+    """The optimizer class and arguments Trainer builds: with `step_in_backward`, the configured optimizer wrapped
+    so that each parameter steps inside the backward pass (`backward_step`)."""
+    if not cfg.step_in_backward:
+        return custom
+    if distributed.world_size() > 1:
+        raise EloError("step_in_backward steps each weight before the processes' gradients are reduced, so it runs on one "
+                       "process only: launch without torchrun/accelerate, or turn step_in_backward off")
+    return StepInBackward, {"inner": custom or Trainer.get_optimizer_cls_and_kwargs(args, model)}
 
 
 def save_loss_plot(losses: list[tuple[int, float]], path: Path) -> None:
@@ -318,6 +331,7 @@ def run_trainer(model: PreTrainedModel, dataset: data.PackedDataset, cfg: TrainC
     optim, custom_optimizer = precision_mod.optimizer(cfg)
     evaluate = bool(eval_datasets) and cfg.eval_steps > 0
     args = training_arguments(cfg, work_dir, steps, seed, precision, optim, evaluate)
+    custom_optimizer = _in_backward(cfg, args, model, custom_optimizer)
     examples_per_step = cfg.batch_size * cfg.grad_accum * max(1, args.world_size)
     # packed rows: exactly seq_len per example; padded examples: their mean length, for the progress bar's rate
     tokens_per_step = round(examples_per_step * dataset.tokens_of(len(dataset)) / len(dataset))
