@@ -28,7 +28,8 @@ def main() -> None:
     for shape, methods, optimizer, checkpointing, in_backward in ROWS:
         if shapes and shape not in shapes:
             continue
-        name = f"{shape}-{methods.replace(',', '-')}{'-' + optimizer if optimizer else ''}{'-ckpt' if checkpointing else ''}{'-sib' if in_backward else ''}"
+        name = (f"{shape}-{methods.replace(',', '-')}{'-' + optimizer if optimizer else ''}{'-ckpt' if checkpointing else ''}"
+                f"{'-sib' if in_backward else ''}")
         result = benchmark.bench(shape, methods, batch=2, seq=128, steps=1, warmup=1, precision="32-true",
                                  json_path=out / f"{name}.json", align_method=optimizer, align_checkpointing=checkpointing,
                                  align_step_in_backward=in_backward)

@@ -10,7 +10,8 @@ Methods: elo (the shallow model: embedding, the selected layers, norm, head; onl
 selected layers train, the whole model is computed), lora (rank-16 adapters on every linear layer), fft (every
 parameter), align (the alignment as configured: fft of the full model with `align_method`'s optimizer, built by
 Trainer's own code, with activation checkpointing and `step_in_backward` if asked (then each weight steps inside the
-backward pass and the loop's step and clipping do nothing); with AdamW and neither, the same computation as fft), and elo-logits (elo with the full logits, loss_chunk=0, to show what the chunked loss saves).
+backward pass and the loop's step and clipping do nothing); with AdamW and neither, the same computation as fft),
+and elo-logits (elo with the full logits, loss_chunk=0, to show what the chunked loss saves).
 `pipeline_peak_vs_fft` is ELO's memory need against fft's: max(elo peak, align peak) / fft peak, each peak net of
 the runtime (`net_peak_bytes`: VmHWM minus the VmRSS before the model was built on CPU; max_memory_allocated on CUDA;
 the estimate for a row not run).
@@ -264,7 +265,8 @@ def bench(model: str, methods: list[str] | str = "elo,freeze,lora,fft,align", ba
                "trainable_params": cost.trainable_params, "estimated_memory_bytes": estimate["total"],
                "estimated_memory_breakdown": estimate, "measured": False}
         if method == "align":
-            row.update(optimizer=align_method, gradient_checkpointing=align_checkpointing, step_in_backward=align_step_in_backward)
+            row.update(optimizer=align_method, gradient_checkpointing=align_checkpointing,
+                       step_in_backward=align_step_in_backward)
         if estimate["total"] > available and not force:
             row.update(peak_memory_bytes=estimate["total"], net_peak_bytes=estimate["total"], peak_memory_estimated=True, tokens_per_s=None,
                        note=f"not run: estimated {estimate['total'] / 2**30:.1f} GiB exceeds the {available / 2**30:.1f} GiB available")

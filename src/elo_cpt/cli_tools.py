@@ -71,6 +71,6 @@ def dispatch(args: argparse.Namespace, api) -> None:
                   args.force, args.align_method, args.align_checkpointing, args.align_step_in_backward)
     elif args.command == "plan":
         api.plan(args.model, args.gpus, args.gpu_memory, args.precision, args.optimizer, args.gradient_checkpointing,
-                 step_in_backward=args.step_in_backward, layers=args.layers, batch=args.batch_size, seq=args.seq_len, loss_chunk=args.loss_chunk,
-                 optimizer_rank=args.optimizer_rank, tokens=args.tokens, tokens_per_s=args.tokens_per_s,
+                 step_in_backward=args.step_in_backward, layers=args.layers, batch=args.batch_size, seq=args.seq_len,
+                 loss_chunk=args.loss_chunk, optimizer_rank=args.optimizer_rank, tokens=args.tokens, tokens_per_s=args.tokens_per_s,
                  gpu_tflops=args.gpu_tflops, json_path=args.json)

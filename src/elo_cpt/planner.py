@@ -111,9 +111,9 @@ def slowdown(shape: costmodel.Shape, method: str, layers: list[int], checkpointi
 
 
 def plan(model: str, gpus: int = 1, gpu_memory: float = 80.0, precision: str = "bf16-mixed", optimizer: str = "adamw",
-         checkpointing: bool = False, *, step_in_backward: bool = False, layers: str = "0,-1", batch: int = 4, seq: int = 256, loss_chunk: int = 1024,
-         optimizer_rank: int = 128, tokens: float | None = None, tokens_per_s: float | None = None,
-         gpu_tflops: float | None = None, json_path: str | Path | None = None) -> dict:
+         checkpointing: bool = False, *, step_in_backward: bool = False, layers: str = "0,-1", batch: int = 4,
+         seq: int = 256, loss_chunk: int = 1024, optimizer_rank: int = 128, tokens: float | None = None,
+         tokens_per_s: float | None = None, gpu_tflops: float | None = None, json_path: str | Path | None = None) -> dict:
     """Per stage: estimated peak memory per GPU, whether it fits in `gpu_memory` GB (10^9 bytes) x USABLE, the
     cheapest setting that fits, and the time for its share of `tokens`; printed as a table and returned."""
     if gpus < 1 or gpu_memory <= 0 or min(batch, seq) < 1 or optimizer_rank < 1 or loss_chunk < 0:
