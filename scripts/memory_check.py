@@ -12,11 +12,12 @@ from pathlib import Path
 
 from elo_cpt import benchmark
 
-#: (shape, methods, the align row's optimizer, its activation checkpointing)
-ROWS = [("smollm2-135m", "elo,align,fft", None, False), ("smollm2-360m", "elo,align,fft", None, False),
-        ("qwen2.5-0.5b", "elo,fft", None, False), ("smollm2-135m", "align", "adafactor", False),
-        ("smollm2-135m", "align", "galore", False), ("smollm2-135m", "align", "adamw_8bit", False),
-        ("smollm2-135m", "align", None, True)]
+#: (shape, methods, the align row's optimizer, its activation checkpointing, its step_in_backward)
+ROWS = [("smollm2-135m", "elo,align,fft", None, False, False), ("smollm2-360m", "elo,align,fft", None, False, False),
+        ("qwen2.5-0.5b", "elo,fft", None, False, False), ("smollm2-135m", "align", "adafactor", False, False),
+        ("smollm2-135m", "align", "galore", False, False), ("smollm2-135m", "align", "adamw_8bit", False, False),
+        ("smollm2-135m", "align", None, True, False), ("smollm2-135m", "align", "adafactor", False, True),
+        ("smollm2-135m", "align", "adafactor", True, True)]
 
 
 def main() -> None:
@@ -24,15 +25,18 @@ def main() -> None:
     shapes = set(sys.argv[2:])
     out.mkdir(parents=True, exist_ok=True)
     lines = ["| shape | method | optimizer | estimated (MiB) | measured, net of runtime (MiB) | error |", "|---|---|---|---|---|---|"]
-    for shape, methods, optimizer, checkpointing in ROWS:
+    for shape, methods, optimizer, checkpointing, in_backward in ROWS:
         if shapes and shape not in shapes:
             continue
-        name = f"{shape}-{methods.replace(',', '-')}{'-' + optimizer if optimizer else ''}{'-ckpt' if checkpointing else ''}"
+        name = (f"{shape}-{methods.replace(',', '-')}{'-' + optimizer if optimizer else ''}{'-ckpt' if checkpointing else ''}"
+                f"{'-sib' if in_backward else ''}")
         result = benchmark.bench(shape, methods, batch=2, seq=128, steps=1, warmup=1, precision="32-true",
-                                 json_path=out / f"{name}.json", align_method=optimizer, align_checkpointing=checkpointing)
+                                 json_path=out / f"{name}.json", align_method=optimizer, align_checkpointing=checkpointing,
+                                 align_step_in_backward=in_backward)
         for method, row in result["methods"].items():
             estimate, measured = row["estimated_memory_bytes"], row["net_peak_bytes"]
-            optimizer_used = row.get("optimizer", "adamw") + (" + checkpointing" if row.get("gradient_checkpointing") else "")
+            optimizer_used = (row.get("optimizer", "adamw") + (" + checkpointing" if row.get("gradient_checkpointing") else "")
+                              + (" + step in backward" if row.get("step_in_backward") else ""))
             lines.append(f"| {shape} | {method} | {optimizer_used} | {estimate / 2**20:,.0f} | "
                          f"{measured / 2**20:,.0f} | {(estimate - measured) / measured:+.1%} |")
         print("\n".join(lines), flush=True)

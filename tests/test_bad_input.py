@@ -207,6 +207,11 @@ CASES = {
     # bridge
     "bridge-seq-len-0": (["bridge", "{m}/shallow", "--data", "{m}/train.jsonl", "--seq-len", "0"], "--seq-len must be at least 1"),
     "bridge-binary-text": (["bridge", "{m}/shallow", "--data", "{m}/garbage.txt", "--tokens", "64", "--seq-len", "32"], "garbage.txt is not text"),
+    # bench and plan
+    "bench-step-in-backward-galore": (["bench", "{m}/good", "--methods", "align", "--align-method", "galore", "--align-step-in-backward"],
+                                      "--align-method galore cannot: use --align-method adamw, adamw_kahan, adafactor"),
+    "plan-step-in-backward-two-gpus": (["plan", "smollm2-135m", "--gpus", "2", "--gpu-memory", "80", "--step-in-backward"],
+                                       "--step-in-backward runs on one GPU"),
 }
 
 

@@ -78,3 +78,25 @@ def test_plan_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "stage1" in printed and "cheapest that fits" in printed and "time: ELO" in printed
     assert json.loads(out.read_text())["stages"]["fft"]["fix"]["memory_total_bytes"] <= 0.9 * 2 * GB
+
+
+def test_step_in_backward_is_chosen_when_only_it_fits_on_one_gpu_and_never_on_two():
+    shape = costmodel.Shape.from_config(planner.model_config("smollm2-135m"))
+
+    def least(gpus: int, in_backward: bool) -> int:
+        return min(planner.estimate(shape, "fft", [0, 29], s, gpus, 4, 256, 1024, 128)["total"]
+                   for s in planner.candidates(gpus) if s.step_in_backward == in_backward)
+
+    assert least(1, True) < least(1, False)
+    memory = (least(1, True) + least(1, False)) / 2 / 0.9 / GB  # only a setting with step_in_backward fits
+    fix = planner.plan("smollm2-135m", gpus=1, gpu_memory=memory)["stages"]["fft"]["fix"]
+    assert fix["step_in_backward"] and fix["optimizer"] in ("adamw", "adamw_kahan", "adafactor")
+    assert "step in backward" in fix["description"]
+    assert not any(s.step_in_backward for s in planner.candidates(2))
+    two = planner.plan("smollm2-135m", gpus=2, gpu_memory=memory)["stages"]["fft"]["fix"]
+    assert two is None or not two["step_in_backward"]
+    stated = planner.plan("smollm2-135m", gpus=1, gpu_memory=80, optimizer="adafactor", step_in_backward=True)
+    assert stated["stages"]["fft"]["memory_bytes"]["gradients"] == 49152 * 576 * 4
+    for gpus, optimizer in ((2, "adamw"), (1, "galore")):
+        with pytest.raises(EloError, match="--step-in-backward runs on one GPU with optimizer adamw, adamw_kahan, adafactor"):
+            planner.plan("smollm2-135m", gpus=gpus, gpu_memory=80, optimizer=optimizer, step_in_backward=True)

@@ -76,3 +76,41 @@ def test_what_it_cannot_do_is_refused(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     with pytest.raises(EloError, match="runs on one process only"):
         engine.make_optimizer(wide_tiny_model(), TrainConfig(step_in_backward=True))
+
+
+def test_the_cost_model_counts_one_gradient_the_largest():
+    """`elo plan` and `elo bench`: each gradient is freed after its step, so only the largest (the tied embedding/head,
+    whose gradient spans the whole backward pass) counts; everything else is as without."""
+    from elo_cpt import benchmark, costmodel
+
+    shape = costmodel.Shape.from_config(benchmark.load_config("smollm2-135m"))
+    tensors = costmodel.trainable_tensors(shape, "align", [0, 29])
+    everything, largest = sum(m * n for _, m, n in tensors), max(m * n for _, m, n in tensors)
+    assert largest == 49152 * 576
+    for dtype_bytes in (4, 2):
+        plain, inside = (costmodel.estimate_memory_bytes(shape, "align", [0, 29], 2, 128, dtype_bytes=dtype_bytes,
+                                                         optimizer="adafactor", step_in_backward=s) for s in (False, True))
+        assert plain["total"] - inside["total"] == (everything - largest) * dtype_bytes
+        assert {k: v for k, v in plain.items() if k not in ("gradients", "total")} == \
+            {k: v for k, v in inside.items() if k not in ("gradients", "total")}
+    with pytest.raises(EloError, match="one process only"):
+        costmodel.estimate_memory_bytes(shape, "align", [0, 29], 2, 128, shards=2, step_in_backward=True)
+
+
+def test_bench_aligns_in_backward_and_refuses_what_cannot(tiny_model, monkeypatch, capsys):
+    """The align row's worker builds its optimizer with step_in_backward (run in this process here), the JSON and the
+    table say so; optimizers that step the whole model at once are refused before anything runs."""
+    from elo_cpt import benchmark
+
+    seen = []
+    monkeypatch.setattr(benchmark, "_run_isolated", lambda args: seen.append(args) or benchmark.measure(**args))
+    result = benchmark.bench(str(tiny_model), "align", batch=2, seq=16, steps=1, warmup=1, precision="32-true",
+                             align_method="adafactor", align_step_in_backward=True)
+    align = result["methods"]["align"]
+    assert seen[0]["step_in_backward"] and result["align_step_in_backward"] and align["step_in_backward"]
+    assert align["tokens_per_s"] > 0 and align["estimated_memory_breakdown"]["gradients"] == 384 * 32 * 4  # the tied embedding
+    assert "align" in capsys.readouterr().out
+    assert "+ step in backward) vs fft" in benchmark.format_table({**result, "pipeline_peak_vs_fft": 0.5})
+    for name in ("galore", "apollo", "adamw_8bit"):
+        with pytest.raises(EloError, match=f"--align-step-in-backward steps one weight at a time, which --align-method {name} cannot"):
+            benchmark.bench(str(tiny_model), "align", align_method=name, align_step_in_backward=True)

@@ -9,8 +9,9 @@ Peak memory is the process's VmHWM on CPU (including the Python/torch runtime, r
 Methods: elo (the shallow model: embedding, the selected layers, norm, head; only the layers train), freeze (the
 selected layers train, the whole model is computed), lora (rank-16 adapters on every linear layer), fft (every
 parameter), align (the alignment as configured: fft of the full model with `align_method`'s optimizer, built by
-Trainer's own code, and activation checkpointing if asked; with AdamW and no checkpointing the same computation as
-fft), and elo-logits (elo with the full logits, loss_chunk=0, to show what the chunked loss saves).
+Trainer's own code, with activation checkpointing and `step_in_backward` if asked (then each weight steps inside the
+backward pass and the loop's step and clipping do nothing); with AdamW and neither, the same computation as fft),
+and elo-logits (elo with the full logits, loss_chunk=0, to show what the chunked loss saves).
 `pipeline_peak_vs_fft` is ELO's memory need against fft's: max(elo peak, align peak) / fft peak, each peak net of
 the runtime (`net_peak_bytes`: VmHWM minus the VmRSS before the model was built on CPU; max_memory_allocated on CUDA;
 the estimate for a row not run).
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from elo_cpt import costmodel, hub, study_report
 from elo_cpt import precision as precision_mod
-from elo_cpt.config import BF16_TRUE_NEEDS, OPTIMIZERS, PRECISIONS, TrainConfig
+from elo_cpt.config import BF16_TRUE_NEEDS, OPTIMIZERS, PRECISIONS, STEP_IN_BACKWARD_OPTIMIZERS, TrainConfig
 from elo_cpt.errors import EloError
 
 log = logging.getLogger(__name__).info  # shown by the `elo` command (distributed.setup_logging)
@@ -115,9 +116,9 @@ def _status_bytes(field: str) -> int:
 
 def measure(model: str, method: str, layers: list[int], batch: int, seq: int, steps: int, warmup: int,
             loss_chunk: int, lora_rank: int, precision: str, seed: int = 0, optimizer: str = "adamw",
-            checkpointing: bool = False) -> dict:
-    """Time `steps` training steps of one method in this process; return tokens/s and peak memory. `optimizer` and
-    `checkpointing` apply to the align row only."""
+            checkpointing: bool = False, step_in_backward: bool = False) -> dict:
+    """Time `steps` training steps of one method in this process; return tokens/s and peak memory. `optimizer`,
+    `checkpointing` and `step_in_backward` apply to the align row only."""
     import importlib
 
     import torch
@@ -128,7 +129,7 @@ def measure(model: str, method: str, layers: list[int], batch: int, seq: int, st
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32  # bf16-mixed: fp32 weights, bf16 autocast
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-    align_cfg = TrainConfig(lr=1e-5, optimizer=optimizer, gradient_checkpointing=checkpointing)
+    align_cfg = TrainConfig(lr=1e-5, optimizer=optimizer, gradient_checkpointing=checkpointing, step_in_backward=step_in_backward)
     if method == "align":  # the optimizer's package loads before the baseline: runtime, not training memory
         precision_mod.optimizer(align_cfg)
         package = precision_mod.TRAINER_OPTIM.get(optimizer, (None, None))[1]
@@ -158,8 +159,9 @@ def measure(model: str, method: str, layers: list[int], batch: int, seq: int, st
         ids = torch.randint(vocab, (batch, seq), generator=generator).to(device)
         with autocast:
             loss = forward_loss(ids)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        loss.backward()  # with step_in_backward every weight has stepped here, and step and zero_grad do nothing
+        if not step_in_backward:  # as training: no global gradient norm to clip by (max_grad_norm is ignored)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss)
@@ -216,10 +218,11 @@ def _status_bytes_meminfo(field: str) -> int:
 def bench(model: str, methods: list[str] | str = "elo,freeze,lora,fft,align", batch: int = 4, seq: int = 256,
           steps: int = 3, warmup: int = 1, layers: str = "0,-1", loss_chunk: int = 1024, lora_rank: int = 16,
           precision: str = "auto", json_path: str | Path | None = None, force: bool = False,
-          align_method: str | None = None, align_checkpointing: bool = False) -> dict:
+          align_method: str | None = None, align_checkpointing: bool = False, align_step_in_backward: bool = False) -> dict:
     """Benchmark each method in a fresh subprocess; return (and optionally write) the results with the cost model.
-    The align row trains with optimizer `align_method` (default adamw; adamw_kahan under bf16-true) and, with
-    `align_checkpointing`, activation checkpointing."""
+    The align row trains with optimizer `align_method` (default adamw; adamw_kahan under bf16-true), with
+    `align_checkpointing` activation checkpointing, with `align_step_in_backward` each weight stepped inside the
+    backward pass (align.step_in_backward; adamw, adamw_kahan or adafactor)."""
     from elo_cpt import surgery
 
     methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
@@ -243,6 +246,9 @@ def bench(model: str, methods: list[str] | str = "elo,freeze,lora,fft,align", ba
         raise EloError(f"unknown --align-method {align_method!r}; use one of {', '.join(OPTIMIZERS)}")
     if precision == "bf16-true" and align_method != "adamw_kahan":
         raise EloError(f"--align-method {align_method} with precision bf16-true: bf16-true {BF16_TRUE_NEEDS}")
+    if align_step_in_backward and align_method not in STEP_IN_BACKWARD_OPTIMIZERS:
+        raise EloError(f"--align-step-in-backward steps one weight at a time, which --align-method {align_method} cannot: "
+                       f"use --align-method {', '.join(STEP_IN_BACKWARD_OPTIMIZERS)}, or leave --align-step-in-backward off")
     dtype_bytes = 2 if precision == "bf16-true" else 4
     activation_bytes = 4 if precision == "32-true" else 2
     available = _available_bytes()
@@ -251,14 +257,16 @@ def bench(model: str, methods: list[str] | str = "elo,freeze,lora,fft,align", ba
         cost_method = "elo" if method == "elo-logits" else method
         cost = costmodel.step_cost(shape, cost_method, absolute, lora_rank)
         chunk = 0 if method == "elo-logits" else loss_chunk
-        options = dict(optimizer=align_method, checkpointing=align_checkpointing) if method == "align" else {}
+        options = dict(optimizer=align_method, checkpointing=align_checkpointing,
+                       step_in_backward=align_step_in_backward) if method == "align" else {}
         estimate = costmodel.estimate_memory_bytes(shape, cost_method, absolute, batch, seq, chunk, lora_rank, dtype_bytes,
                                                   activation_bytes, **options)
         row = {"flops_per_token": cost.flops_per_token, "forward_flops_per_token": cost.forward_flops,
                "trainable_params": cost.trainable_params, "estimated_memory_bytes": estimate["total"],
                "estimated_memory_breakdown": estimate, "measured": False}
         if method == "align":
-            row.update(optimizer=align_method, gradient_checkpointing=align_checkpointing)
+            row.update(optimizer=align_method, gradient_checkpointing=align_checkpointing,
+                       step_in_backward=align_step_in_backward)
         if estimate["total"] > available and not force:
             row.update(peak_memory_bytes=estimate["total"], net_peak_bytes=estimate["total"], peak_memory_estimated=True, tokens_per_s=None,
                        note=f"not run: estimated {estimate['total'] / 2**30:.1f} GiB exceeds the {available / 2**30:.1f} GiB available")
@@ -267,14 +275,15 @@ def bench(model: str, methods: list[str] | str = "elo,freeze,lora,fft,align", ba
             log(f"{method}: running {warmup} warm-up + {steps} timed steps ...")
             args = dict(model=str(model), method=method, layers=absolute, batch=batch, seq=seq, steps=steps, warmup=warmup,
                         loss_chunk=loss_chunk, lora_rank=lora_rank, precision=precision,
-                        **({"optimizer": align_method, "checkpointing": align_checkpointing} if method == "align" else {}))
+                        **({"optimizer": align_method, "checkpointing": align_checkpointing,
+                            "step_in_backward": align_step_in_backward} if method == "align" else {}))
             row.update(_run_isolated(args), measured=True, peak_memory_estimated=False)
         rows[method] = row
     result = {
         "model": str(model), "shape": shape.__dict__, "layers": absolute, "batch": batch, "seq": seq, "steps": steps,
         "warmup": warmup, "loss_chunk": loss_chunk, "lora_rank": lora_rank, "precision": precision,
         "machine": study_report.machine(), "methods": rows, "align_method": align_method,
-        "align_checkpointing": align_checkpointing,
+        "align_checkpointing": align_checkpointing, "align_step_in_backward": align_step_in_backward,
     }
     _add_ratios(result, shape, absolute, lora_rank)
     print(format_table(result))
@@ -333,7 +342,8 @@ def format_table(result: dict) -> str:
                  f"measured {_fmt(pipe['measured_speedup_vs_fft'], '.2f')}x")
     if result.get("pipeline_peak_vs_fft") is not None:
         lines.append(f"pipeline peak memory (max of elo and align, align with {result['align_method']}"
-                     f"{' + checkpointing' if result['align_checkpointing'] else ''}) vs fft, net of the runtime: "
+                     f"{' + checkpointing' if result['align_checkpointing'] else ''}"
+                     f"{' + step in backward' if result.get('align_step_in_backward') else ''}) vs fft, net of the runtime: "
                      f"{result['pipeline_peak_vs_fft']:.2f}x")
     if any(row.get("peak_memory_estimated") for row in result["methods"].values()):
         lines.append("* estimated, not run (weights + gradients + optimizer state + activations + logits)")

@@ -34,6 +34,8 @@ def add_parsers(sub) -> None:
     bench.add_argument("--align-method", choices=OPTIMIZERS, help="the align row's optimizer, as align.optimizer "
                        "(default adamw; adamw_kahan under bf16-true); docs/training.md")
     bench.add_argument("--align-checkpointing", action="store_true", help="the align row with activation checkpointing")
+    bench.add_argument("--align-step-in-backward", action="store_true", help="the align row with each weight stepped inside "
+                       "the backward pass, its gradient freed at once (align.step_in_backward; adamw, adamw_kahan, adafactor)")
 
 
     plan = sub.add_parser("plan", help="peak memory per GPU of stage 1, alignment and fft, whether it fits, what would make it fit, and the time",
@@ -46,6 +48,8 @@ def add_parsers(sub) -> None:
     plan.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="the optimizer you plan with (default adamw)")
     plan.add_argument("--optimizer-rank", type=int, default=128, help="rank of galore and apollo (default 128)")
     plan.add_argument("--gradient-checkpointing", action="store_true", help="plan with activation checkpointing")
+    plan.add_argument("--step-in-backward", action="store_true", help="plan with each weight stepped inside the backward "
+                      "pass (step_in_backward: one GPU; adamw, adamw_kahan, adafactor)")
     plan.add_argument("--layers", default="0,-1", help="layers stage 1 trains (default 0,-1)")
     plan.add_argument("--batch-size", type=int, default=4, help="sequences per step and GPU (default 4)")
     plan.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
@@ -64,9 +68,9 @@ def dispatch(args: argparse.Namespace, api) -> None:
     elif args.command == "bench":
         api.bench(args.model, args.methods, args.batch, args.seq, args.steps, args.warmup, args.layers, args.loss_chunk,
                   args.lora_rank, {"float32": "32-true", "bfloat16": "bf16-true"}.get(args.dtype, args.precision), args.json,
-                  args.force, args.align_method, args.align_checkpointing)
+                  args.force, args.align_method, args.align_checkpointing, args.align_step_in_backward)
     elif args.command == "plan":
         api.plan(args.model, args.gpus, args.gpu_memory, args.precision, args.optimizer, args.gradient_checkpointing,
-                 layers=args.layers, batch=args.batch_size, seq=args.seq_len, loss_chunk=args.loss_chunk,
-                 optimizer_rank=args.optimizer_rank, tokens=args.tokens, tokens_per_s=args.tokens_per_s,
+                 step_in_backward=args.step_in_backward, layers=args.layers, batch=args.batch_size, seq=args.seq_len,
+                 loss_chunk=args.loss_chunk, optimizer_rank=args.optimizer_rank, tokens=args.tokens, tokens_per_s=args.tokens_per_s,
                  gpu_tflops=args.gpu_tflops, json_path=args.json)

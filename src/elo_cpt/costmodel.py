@@ -267,7 +267,7 @@ def optimizer_state_bytes(tensors: list[tuple[str, int, int]], optimizer: str = 
 def estimate_memory_bytes(shape: Shape, method: str, layers: list[int], batch: int, seq: int,
                           loss_chunk: int = 1024, lora_rank: int = 16, dtype_bytes: int = 4,
                           activation_bytes: int | None = None, optimizer: str = "adamw", optimizer_rank: int = 128,
-                          checkpointing: bool = False, shards: int = 1) -> dict[str, int]:
+                          checkpointing: bool = False, shards: int = 1, step_in_backward: bool = False) -> dict[str, int]:
     """A peak-memory estimate of one training step (per process), without the runtime's own footprint.
 
     weights (every parameter of the computed model) + gradients of the trainable ones (in the weights' dtype) +
@@ -277,12 +277,19 @@ def estimate_memory_bytes(shape: Shape, method: str, layers: list[int], batch: i
     Weights take `dtype_bytes` each, saved activations `activation_bytes` (default the same; 2 under bf16 autocast).
     `shards` > 1 is FSDP full sharding / ZeRO-3 over that many processes: weights, gradients and optimizer state are
     split, two decoder layers are gathered whole at a time (the one computing and the one prefetched), and the loss
-    is not chunked (elo-cpt's engine turns chunking off when parameters are sharded)."""
+    is not chunked (elo-cpt's engine turns chunking off when parameters are sharded).
+    With `step_in_backward` (one process only) each tensor's optimizer steps as soon as its gradient is complete and
+    frees it, so gradients count as the largest single trained tensor instead of all of them: the others come and go
+    one at a time, and the largest is the one held longest, since a tied embedding/head's gradient starts at the
+    head (the first backward step) and completes at the embedding (the last)."""
+    if step_in_backward and shards > 1:
+        raise EloError("step_in_backward runs on one process only: estimate it with shards 1")
     cost = step_cost(shape, method, layers, lora_rank)
     computed = cost.computed_layers
     weights = shape.total_params(computed) * dtype_bytes
-    gradients = cost.trainable_params * dtype_bytes
-    state = optimizer_state_bytes(trainable_tensors(shape, method, layers, lora_rank), optimizer, optimizer_rank, dtype_bytes)
+    tensors = trainable_tensors(shape, method, layers, lora_rank)
+    gradients = (max(m * n for _, m, n in tensors) if step_in_backward else cost.trainable_params) * dtype_bytes
+    state = optimizer_state_bytes(tensors, optimizer, optimizer_rank, dtype_bytes)
     tokens = batch * seq
     per_layer = tokens * (10 * shape.hidden + 4 * shape.active_intermediate) * (activation_bytes or dtype_bytes)
     if checkpointing:

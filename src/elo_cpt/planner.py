@@ -2,9 +2,10 @@
 
 Per stage (stage 1: the shallow model training the selected layers; alignment: every parameter of the full model;
 fft: the baseline, every parameter), the cost model's memory estimate (`costmodel.estimate_memory_bytes`: weights,
-gradients, optimizer state of the chosen optimizer, activations with or without checkpointing, logits, FSDP/ZeRO-3
-sharding over the GPUs) is compared with the GPU's memory less a reserve (`USABLE`). When a stage does not fit, every
-combination of sharding, precision, optimizer and checkpointing is tried and the cheapest that fits is named, cheapest
+gradients (all of them, or the largest one with step_in_backward), optimizer state of the chosen optimizer,
+activations with or without checkpointing, logits, FSDP/ZeRO-3 sharding over the GPUs) is compared with the GPU's
+memory less a reserve (`USABLE`). When a stage does not fit, every combination of sharding, precision, optimizer,
+checkpointing and step_in_backward is tried and the cheapest that fits is named, cheapest
 by the penalties of `PENALTY` (what each change costs in time or in risk to the result). Times come from a
 throughput: `tokens_per_s` measured for fft, or `gpu_tflops` at `UTILISATION`, scaled to each stage by the cost
 model's FLOPs per token (and by the recomputed forward pass under checkpointing).
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from elo_cpt import benchmark, costmodel, hub, surgery
-from elo_cpt.config import OPTIMIZERS, PRECISIONS
+from elo_cpt.config import OPTIMIZERS, PRECISIONS, STEP_IN_BACKWARD_OPTIMIZERS
 from elo_cpt.errors import EloError
 
 log = logging.getLogger(__name__).info
@@ -38,36 +39,50 @@ UTILISATION = 0.4
 STAGES = (("stage1", "elo", 0.9), ("align", "align", 0.1), ("fft", "fft", 1.0))
 #: What departing from the stated setting costs, summed over the changes; the cheapest fitting combination wins
 #: (ties: the smaller memory). Sharding costs communication; bf16-true rounds small updates unless Kahan-summed;
-#: 8-bit and the other optimizers change the update itself; checkpointing recomputes the forward pass.
+#: 8-bit and the other optimizers change the update itself; checkpointing recomputes the forward pass; step_in_backward
+#: costs no time but gives up global gradient clipping (and gradient accumulation).
 PENALTY = {"shard": 1, "precision": {"32-true": 1, "bf16-mixed": 0, "bf16-true": 2},
            "optimizer": {"adamw": 0, "adamw_kahan": 1, "adamw_8bit": 1, "adafactor": 2, "galore": 3, "apollo": 3},
-           "checkpointing": 2}
+           "checkpointing": 2, "step_in_backward": 2}
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One way to train a stage: precision, optimizer, activation checkpointing, FSDP/ZeRO-3 sharding over the GPUs."""
+    """One way to train a stage: precision, optimizer, activation checkpointing, FSDP/ZeRO-3 sharding over the GPUs,
+    and the optimizer step inside the backward pass."""
 
     precision: str
     optimizer: str
     checkpointing: bool
     shard: bool
+    step_in_backward: bool = False
 
     def allowed(self, gpus: int) -> bool:
         """bf16-true needs Kahan-summed AdamW (docs/training.md); sharding needs several GPUs; galore and apollo
-        project whole matrices, so they are not planned with sharded parameters (never tested here)."""
+        project whole matrices, so they are not planned with sharded parameters (never tested here); step_in_backward
+        steps one weight at a time on one process, so only on one GPU and with adamw, adamw_kahan or adafactor."""
         kahan_ok = (self.precision == "bf16-true") == (self.optimizer == "adamw_kahan")
-        return kahan_ok and (not self.shard or gpus > 1) and not (self.shard and self.optimizer in ("galore", "apollo"))
+        in_backward_ok = not self.step_in_backward or (gpus == 1 and self.optimizer in STEP_IN_BACKWARD_OPTIMIZERS)
+        return (kahan_ok and in_backward_ok and (not self.shard or gpus > 1)
+                and not (self.shard and self.optimizer in ("galore", "apollo")))
 
     def penalty(self, stated: Setting) -> int:
         return (PENALTY["shard"] * (self.shard and not stated.shard)
                 + (PENALTY["precision"][self.precision] if self.precision != stated.precision else 0)
                 + (PENALTY["optimizer"][self.optimizer] if self.optimizer != stated.optimizer else 0)
-                + PENALTY["checkpointing"] * (self.checkpointing and not stated.checkpointing))
+                + PENALTY["checkpointing"] * (self.checkpointing and not stated.checkpointing)
+                + PENALTY["step_in_backward"] * (self.step_in_backward and not stated.step_in_backward))
 
     def describe(self, gpus: int) -> str:
         shard = f"FSDP/ZeRO-3 over {gpus} GPUs" if self.shard else "no sharding"
-        return f"{self.precision}, {self.optimizer}, {'checkpointing' if self.checkpointing else 'no checkpointing'}, {shard}"
+        return (f"{self.precision}, {self.optimizer}, {'checkpointing' if self.checkpointing else 'no checkpointing'}, {shard}"
+                + (", step in backward" if self.step_in_backward else ""))
+
+
+def candidates(gpus: int) -> list[Setting]:
+    """Every setting the search tries on `gpus` GPUs."""
+    settings = itertools.product(("32-true", "bf16-mixed", "bf16-true"), OPTIMIZERS, (False, True), (False, True), (False, True))
+    return [s for s in map(lambda c: Setting(*c), settings) if s.allowed(gpus)]
 
 
 def model_config(model: str):
@@ -85,7 +100,8 @@ def estimate(shape: costmodel.Shape, method: str, layers: list[int], setting: Se
     return costmodel.estimate_memory_bytes(
         shape, method, layers, batch, seq, loss_chunk, dtype_bytes=2 if setting.precision == "bf16-true" else 4,
         activation_bytes=4 if setting.precision == "32-true" else 2, optimizer=setting.optimizer,
-        optimizer_rank=optimizer_rank, checkpointing=setting.checkpointing, shards=gpus if setting.shard else 1)
+        optimizer_rank=optimizer_rank, checkpointing=setting.checkpointing, shards=gpus if setting.shard else 1,
+        step_in_backward=setting.step_in_backward)
 
 
 def slowdown(shape: costmodel.Shape, method: str, layers: list[int], checkpointing: bool) -> float:
@@ -95,9 +111,9 @@ def slowdown(shape: costmodel.Shape, method: str, layers: list[int], checkpointi
 
 
 def plan(model: str, gpus: int = 1, gpu_memory: float = 80.0, precision: str = "bf16-mixed", optimizer: str = "adamw",
-         checkpointing: bool = False, *, layers: str = "0,-1", batch: int = 4, seq: int = 256, loss_chunk: int = 1024,
-         optimizer_rank: int = 128, tokens: float | None = None, tokens_per_s: float | None = None,
-         gpu_tflops: float | None = None, json_path: str | Path | None = None) -> dict:
+         checkpointing: bool = False, *, step_in_backward: bool = False, layers: str = "0,-1", batch: int = 4,
+         seq: int = 256, loss_chunk: int = 1024, optimizer_rank: int = 128, tokens: float | None = None,
+         tokens_per_s: float | None = None, gpu_tflops: float | None = None, json_path: str | Path | None = None) -> dict:
     """Per stage: estimated peak memory per GPU, whether it fits in `gpu_memory` GB (10^9 bytes) x USABLE, the
     cheapest setting that fits, and the time for its share of `tokens`; printed as a table and returned."""
     if gpus < 1 or gpu_memory <= 0 or min(batch, seq) < 1 or optimizer_rank < 1 or loss_chunk < 0:
@@ -106,7 +122,10 @@ def plan(model: str, gpus: int = 1, gpu_memory: float = 80.0, precision: str = "
         raise EloError(f"plan with a precision of {', '.join(PRECISIONS[1:])} and an optimizer of {', '.join(OPTIMIZERS)}")
     if any(v is not None and v <= 0 for v in (tokens, tokens_per_s, gpu_tflops)):
         raise EloError("--tokens, --tokens-per-s and --gpu-tflops must be positive")
-    stated = Setting(precision, optimizer, checkpointing, False)
+    stated = Setting(precision, optimizer, checkpointing, False, step_in_backward)
+    if step_in_backward and (gpus > 1 or optimizer not in STEP_IN_BACKWARD_OPTIMIZERS):
+        raise EloError(f"--step-in-backward runs on one GPU with optimizer {', '.join(STEP_IN_BACKWARD_OPTIMIZERS)}, "
+                       f"not on {gpus} with {optimizer}: plan with --gpus 1 and one of those, or without --step-in-backward")
     if not stated.allowed(gpus):
         raise EloError(f"precision bf16-true goes with optimizer adamw_kahan and only with it, not {optimizer}")
     shape = costmodel.Shape.from_config(model_config(model))
@@ -115,8 +134,7 @@ def plan(model: str, gpus: int = 1, gpu_memory: float = 80.0, precision: str = "
     tokens = tokens or DEFAULT_TOKENS
     fft_flops = costmodel.step_cost(shape, "fft", absolute).flops_per_token
     rate = tokens_per_s or gpus * (gpu_tflops or DEFAULT_GPU_TFLOPS) * 1e12 * UTILISATION / fft_flops
-    candidates = [Setting(*c) for c in itertools.product(("32-true", "bf16-mixed", "bf16-true"), OPTIMIZERS, (False, True), (False, True))]
-    candidates = [c for c in candidates if c.allowed(gpus)]
+    tried = candidates(gpus)
     stages = {}
     for name, method, share in STAGES:
         args = (shape, method, absolute)
@@ -125,7 +143,7 @@ def plan(model: str, gpus: int = 1, gpu_memory: float = 80.0, precision: str = "
         row = {"method": method, "tokens": share * tokens, "memory_bytes": memory, "fits": memory["total"] <= budget,
                "seconds": share * tokens / stage_rate * slowdown(*args, checkpointing)}
         if not row["fits"]:
-            fitting = [(c.penalty(stated), total, c) for c in candidates
+            fitting = [(c.penalty(stated), total, c) for c in tried
                        if (total := estimate(*args, c, gpus, batch, seq, loss_chunk, optimizer_rank)["total"]) <= budget]
             if fitting:
                 _, total, best = min(fitting, key=lambda f: (f[0], f[1]))
@@ -155,7 +173,8 @@ def format_plan(result: dict) -> str:
     gb = 1e9
     s = result["setting"]
     lines = [f"{result['model']}: {result['gpus']} GPU(s) x {result['gpu_memory_gb']:g} GB ({result['usable_fraction']:.0%} usable), "
-             f"{s['precision']}, {s['optimizer']}, {'checkpointing' if s['checkpointing'] else 'no checkpointing'}, "
+             f"{s['precision']}, {s['optimizer']}, {'checkpointing' if s['checkpointing'] else 'no checkpointing'}"
+             f"{', step in backward' if s.get('step_in_backward') else ''}, "
              f"batch {result['batch']} x {result['seq']} per GPU, layers {result['layers']}",
              f"{'stage':<7} {'peak/GPU':>9} {'weights':>8} {'grads':>7} {'optim':>7} {'activ':>7} {'logits':>7} {'fits':>4} "
              f"{'tokens':>9} {'time':>8}"]
