@@ -59,7 +59,8 @@ from elo_cpt.config import RunConfig
 from elo_cpt.errors import EloError
 from elo_cpt.stageclock import Timings
 # the study file, its cells and their budgets (re-exported: `elo study --list` and the tests reach them here)
-from elo_cpt.study_cells import BUDGETS, METHODS, Cell, Study, _shape, builtin_studies, cell_config, elo_plan, load_study, plan, study_path  # noqa: F401
+from elo_cpt.study_cells import (BUDGETS, METHODS, Cell, Study, _shape, builtin_studies, cell_config, elo_plan,  # noqa: F401
+                                 load_study, plan, study_path)
 
 RESULT = "result.json"
 
