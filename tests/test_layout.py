@@ -15,7 +15,7 @@ LEVELS = {
         "study_report", "samples", "precision", "hub", "distributed", "modelcard", "findings", "files", "report_chat"},
     1: {"corpus", "tokencache", "data", "surgery", "backward_step", "stageclock", "chatvector", "chatdata", "chattokens", "vocabulary"},
     2: {"engine", "train", "evaluation", "lmeval", "chateval", "layerprobe", "emulation"},
-    3: {"pipeline", "pipeline_eval", "pipeline_stage3", "study_runner", "benchmark", "benchdata", "planner"},
+    3: {"pipeline", "pipeline_eval", "pipeline_stage3", "study_runner", "study_cells", "benchmark", "benchdata", "planner"},
     4: {"cli", "cli_stage1", "cli_tools", "__init__", "__main__"},
 }
 LEVEL = {module: level for level, modules in LEVELS.items() for module in modules}

@@ -100,7 +100,10 @@ def test_results_table_says_which_cells_were_resumed():
 
     results = {"target_language": "de", "cells": [cell("old"), cell("straight", 0), cell("resumed", 2)]}
     (_, table), = study_report.rows(results)
-    assert [row[4] for row in table] == ["84", "84", "84 (2 resumed)"]
+    assert [row[5] for row in table] == ["84", "84", "84 (2 resumed)"]
+    assert [row[3] for row in table] == ["-", "-", "-"]  # run before characters were counted
+    results["cells"][0]["characters"] = 4000
+    assert study_report.rows(results)[0][1][0][2:4] == ["1,600", "4,000"]
     results["cells"][0]["note"] = "lr 1e-5 | no replay"
     results["model"], results["machine"] = "m", {"cpu_count": 2, "platform": "p", "torch": "t", "date_utc": "d"}
     assert "lr 1e-5 \\| no replay |" in study_report.markdown(results)  # a | in a note does not split the row
@@ -149,7 +152,8 @@ def test_emulator_cost_counts_the_frozen_layers():
     ([{"name": "a/b", "method": "elo"}], "names a folder"),
     ([{"name": "elo", "method": "elo", "budget": "hours"}], "budget"),
     ([{"name": "elo"}], "give name and method"),
-    ([{"name": "elo", "method": "elo", "set": {"vocab.add": 8}}], "vocab.add is not supported in a study"),
+    ([{"name": "elo", "method": "elo", "set": {"vocab.add": 8}}, {"name": "c", "method": "control"}],
+     r"a control repeats the alignment of elo from the model it starts from, so its vocab.\* settings must be elo's"),
     ([{"name": "elo", "method": "elo", "set": {"sft.data": ["chats.jsonl"]}}], "sft.data is not supported in a study"),
 ])
 def test_bad_study_files_fail_with_a_clear_error(tiny_model, corpora, tmp_path, cells, message):
@@ -256,3 +260,65 @@ def test_study_cells_train_on_two_processes(tiny_model, corpora, tmp_path):
             study.study(two, tmp_path / "three")
         finally:
             del os.environ["WORLD_SIZE"]
+
+
+VOCAB_ADD = 40
+VOCAB_CELLS = [
+    {"name": "base", "method": "base"},
+    {"name": "vocab-base", "method": "base", "set": {"vocab.add": VOCAB_ADD}},
+    {"name": "vocab-elo", "method": "elo", "set": {"vocab.add": VOCAB_ADD, "stage1.train_new_rows": True, "stage1.new_rows_lr": 1e-2}},
+    {"name": "vocab-control", "method": "control", "reference": "vocab-elo", "set": {"vocab.add": VOCAB_ADD}},
+    {"name": "vocab-fft", "method": "fft", "budget": "flops", "reference": "vocab-elo", "set": {"vocab.add": VOCAB_ADD}},
+]
+
+
+def korean_study(tiny_model, corpora, tmp_path, cells):
+    from conftest import TEXT
+
+    paragraphs = (TEXT / "ko.txt").read_text(encoding="utf-8").split("\n\n")
+    korean = tmp_path / "train_ko.jsonl"
+    korean.write_text("".join(json.dumps({"text": f"{i}. {paragraphs[i % len(paragraphs)]}"}, ensure_ascii=False) + "\n"
+                              for i in range(40)), encoding="utf-8")
+    spec = tiny_study(tiny_model, corpora, cells)
+    spec["run"]["target_language"] = "ko"
+    spec["run"]["data"].update(target=[str(korean)], eval={"ko": str(TEXT / "ko.txt"), "en": str(corpora["eval_en"])})
+    return spec
+
+
+def test_vocab_cells_share_one_extension_and_count_characters(tiny_model, corpora, tmp_path):
+    from conftest import VOCAB
+
+    out = tmp_path / "study"
+    results = study.study(korean_study(tiny_model, corpora, tmp_path, VOCAB_CELLS), out)
+    cells = {c["name"]: c for c in results["cells"]}
+    assert not any(c.get("missing") for c in cells.values())
+    # one extension, built by the first cell that needed it and shared (a second build would refuse its folder)
+    (extension,) = (out / "vocab").iterdir()
+    assert json.loads((extension / "settings.json").read_text())["add"] == VOCAB_ADD
+    (stage1,) = (out / "stage1").iterdir()
+    assert json.loads((stage1 / "settings.json").read_text())["vocab"]["add"] == VOCAB_ADD  # in the share key
+    assert json.loads((stage1 / "stage1" / "elo_provenance.json").read_text())["new_rows_lr"] == 1e-2
+    for name in ("vocab-base", "vocab-elo", "vocab-control", "vocab-fft"):
+        vocab = cells[name]["vocab"]
+        assert vocab["added"] == VOCAB_ADD and vocab["vocab_size"] == VOCAB + VOCAB_ADD
+        assert vocab["tokens_per_char_after"] < vocab["tokens_per_char_before"]
+        # held-out text in the extended tokenizer: fewer Korean tokens, the same English ones
+        assert cells[name]["eval_tokens_per_char"]["ko"] < cells["base"]["eval_tokens_per_char"]["ko"]
+        assert cells[name]["eval_tokens_per_char"]["en"] == cells["base"]["eval_tokens_per_char"]["en"]
+    assert cells["base"]["vocab"] is None and cells["vocab-base"]["eval"] != cells["base"]["eval"]
+    # characters: each stage's tokens over its mixture's tokens per character
+    elo = cells["vocab-elo"]
+    assert set(elo["stages"]) == {"stage1", "align"} and elo["tokens"] == 1280 + 320
+    for stage in elo["stages"].values():
+        assert stage["characters"] == round(stage["tokens"] / stage["tokens_per_char"])
+    assert elo["characters"] == sum(s["characters"] for s in elo["stages"].values())
+    assert cells["vocab-control"]["tokens"] == 320 and cells["vocab-control"]["characters"] > 0
+    assert cells["base"]["characters"] == 0
+    assert "| training chars |" in (out / "results.md").read_text()
+    # the budgets: the larger head, and training the new rows (the head's weight gradient over stage 1's tokens)
+    parsed = study.load_study(korean_study(tiny_model, corpora, tmp_path, VOCAB_CELLS + [
+        {"name": "plain-elo", "method": "elo"},
+        {"name": "vocab-no-rows", "method": "elo", "set": {"vocab.add": VOCAB_ADD}}]))
+    flops = {name: study.plan(parsed, parsed.cell(name))["flops"] for name in ("plain-elo", "vocab-no-rows", "vocab-elo")}
+    assert flops["plain-elo"] < flops["vocab-no-rows"] < flops["vocab-elo"]
+    assert flops["vocab-elo"] - flops["vocab-no-rows"] == pytest.approx(1280 * 2 * (VOCAB + VOCAB_ADD) * 32)

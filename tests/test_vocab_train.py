@@ -76,6 +76,49 @@ def test_stage1_trains_only_the_new_rows_and_merge_writes_them_back(extended, tm
     assert before_file == after_file
 
 
+def test_new_rows_train_at_their_own_rate_in_a_group_of_their_own(extended, tmp_path):
+    """stage1.new_rows_lr: the embedding and the untied head in optimizer groups of their own at that rate (no
+    weight decay), with Trainer's optimizer and with step_in_backward's per-parameter ones."""
+    from transformers import TrainingArguments
+
+    from elo_cpt.backward_step import StepInBackward
+    from elo_cpt.engine import EloTrainer
+
+    _, ext, _ = extended["mistral"]
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.1, report_to="none", use_cpu=True)
+    for custom in (None, (StepInBackward, {"inner": (torch.optim.AdamW, {"lr": 1e-3})})):
+        model = checkpoint.load_model(ext, torch.float32)
+        train.train_only_layers(model, [0])
+        names = train.train_rows_from(model, VOCAB, lr=0.25)
+        params = dict(model.named_parameters())
+        optimizer = EloTrainer(model=model, args=args, optimizer_cls_and_kwargs=custom).create_optimizer()
+        own = [group for group in optimizer.param_groups if group["lr"] == 0.25]
+        assert [group["params"] for group in own] == [[params[name]] for name in names] == [[params[EMBED]], [params[HEAD]]]
+        assert all(group["weight_decay"] == 0.0 for group in own)
+        layers = [p for group in optimizer.param_groups if group["lr"] == 1e-3 for p in group["params"]]
+        assert len(layers) == sum(p.requires_grad for p in model.parameters()) - 2
+        if custom is not None:
+            assert isinstance(optimizer, StepInBackward) and optimizer.inner[params[HEAD]].param_groups[0]["lr"] == 0.25
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_new_rows_lr_moves_the_new_rows_further_and_the_old_ones_not_at_all(extended, tmp_path, arch):
+    _, ext, corpus = extended[arch]
+    surgery.detach(ext, "0,-1", tmp_path / "shallow")
+    cfg = TrainConfig(tokens=640, lr=1e-4, weight_decay=0.5, batch_size=2, warmup_ratio=0.0, report_to=["none"])
+    moved = {}
+    for lr in (None, 1e-2):
+        out = tmp_path / f"stage1-{lr}"
+        train.pretrain(tmp_path / "shallow", [str(corpus)], out, cfg, seq_len=32, train_new_rows=True, new_rows_lr=lr)
+        before, after = weights(tmp_path / "shallow"), weights(out)
+        assert torch.equal(after[EMBED][:VOCAB], before[EMBED][:VOCAB])  # bit for bit, at any rate
+        if HEAD in after:
+            assert torch.equal(after[HEAD][:VOCAB], before[HEAD][:VOCAB])
+        moved[lr] = (after[EMBED][VOCAB:] - before[EMBED][VOCAB:]).abs().mean().item()
+        assert json.loads((out / checkpoint.PROVENANCE).read_text())["new_rows_lr"] == (lr or 1e-4)
+    assert moved[1e-2] > 10 * moved[None] > 0
+
+
 def test_bf16_model_with_norm_and_new_rows_merges(tmp_path):
     """A bf16 checkpoint (as SmolLM2's) trained in fp32: the digests of the norm and the rows are the base's own, so
     merge accepts it (the norm's digest used to be taken of the fp32 copy, and merge refused the model's own base)."""
@@ -103,6 +146,9 @@ def test_train_new_rows_needs_an_extended_model(extended, tmp_path, capsys):
     assert cli.main(["pretrain", str(tmp_path / "ext-shallow"), "--data", str(corpus), "--out", str(tmp_path / "s1"),
                      "--tokens", "64", "--seq-len", "32", "--batch-size", "2", "--train-new-rows"]) == 0
     assert json.loads((tmp_path / "s1" / checkpoint.PROVENANCE).read_text())["trained_rows"] == {EMBED: [VOCAB, VOCAB + ADD]}
+    assert cli.main(["pretrain", str(tmp_path / "ext-shallow"), "--data", str(corpus), "--out", str(tmp_path / "s2"),
+                     "--tokens", "64", "--seq-len", "32", "--new-rows-lr", "1e-3"]) == 1
+    assert "--new-rows-lr is the learning rate of the rows --train-new-rows trains" in capsys.readouterr().err
 
 
 def test_chat_vector_on_an_extended_model(extended, tmp_path):
@@ -153,3 +199,8 @@ def test_vocab_settings_are_checked(tmp_path):
                                     f"data.eval={{ko: {TEXT / 'ko.txt'}}}", "vocab.add=8"])
     with pytest.raises(EloError, match="vocab.add with your own corpora needs stage1.tokens"):
         pipeline.resolve_defaults(cfg)
+    with pytest.raises(EloError, match="stage1.new_rows_lr must be positive"):
+        config.load_config(None, ["stage1.train_new_rows=true", "stage1.new_rows_lr=0"])
+    with pytest.raises(EloError, match="set stage1.train_new_rows=true, or leave stage1.new_rows_lr unset"):
+        config.load_config(None, ["stage1.new_rows_lr=1e-4"])
+    assert config.load_config(None, ["stage1.train_new_rows=true", "stage1.new_rows_lr=1.5e-4"]).stage1.new_rows_lr == 1.5e-4

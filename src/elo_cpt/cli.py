@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(pretrain, lr=1.5e-5)
     pretrain.add_argument("--train-norm", action="store_true", help="also train the final norm (written back by merge)")
     pretrain.add_argument("--train-new-rows", action="store_true", help="also train the embedding/head rows elo vocab added (old rows stay)")
+    pretrain.add_argument("--new-rows-lr", type=float, help="peak learning rate of those new rows (default: --lr)")
 
     merge = sub.add_parser("merge", help="write a shallow model's layers back into its base model")
     merge.add_argument("base", help="the model the shallow one was detached from (folder or hub id)")
@@ -308,7 +309,7 @@ def dispatch(args: argparse.Namespace) -> None:
         cli_stage1.dispatch(args, api)
     elif args.command == "pretrain":
         stats = api.pretrain(args.shallow, args.data, args.out, _train_config(args), args.seq_len, args.seed, args.train_norm,
-                             held_out=_held_out(args), train_new_rows=args.train_new_rows)
+                             held_out=_held_out(args), train_new_rows=args.train_new_rows, new_rows_lr=args.new_rows_lr)
         print(_trained(stats, args.out))
     elif args.command == "merge":
         print(api.merge(args.base, args.shallow, args.out))

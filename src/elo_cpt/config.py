@@ -115,6 +115,9 @@ class Stage1Config(TrainConfig):
     """Also train the embedding (and untied head) rows of the tokens vocab.add added, the old rows staying exactly as
     they are (no gradient, no weight decay); written back with the layers (docs/vocab.md). Needs vocab.add > 0, or a
     model extended by `elo vocab`."""
+    new_rows_lr: float | None = None
+    """Peak learning rate of the rows train_new_rows trains (an optimizer group of their own, on the layers' schedule;
+    the old rows still stay exactly as they are); None: stage1.lr. Rows starting as their pieces' mean may want more."""
     probe_tokens: int = 8192
     """Tokens per language (target, and English when replayed) that `layers: probe` measures (docs/probe.md)."""
     emulator_layers: int = 0
@@ -383,6 +386,9 @@ def validate(config: RunConfig) -> None:
          f"stage1.bridge_tokens must be a token count >= 0 (0 turns bridges off) or {AUTO}, not {config.stage1.bridge_tokens!r}"),
         (config.stage1.probe_tokens >= config.seq_len, f"stage1.probe_tokens must hold at least one sequence of seq_len "
          f"({config.seq_len}) tokens, not {config.stage1.probe_tokens}"),
+        (config.stage1.new_rows_lr is None or config.stage1.new_rows_lr > 0, "stage1.new_rows_lr must be positive (or unset: stage1.lr)"),
+        (config.stage1.new_rows_lr is None or config.stage1.train_new_rows, "stage1.new_rows_lr is the learning rate of the rows "
+         "stage1.train_new_rows trains; set stage1.train_new_rows=true, or leave stage1.new_rows_lr unset"),
         (config.stage1.emulator_layers >= 0, "stage1.emulator_layers must be >= 0 (0 turns the emulator off)"),
         (config.stage1.emulator_tokens >= config.seq_len, f"stage1.emulator_tokens must hold at least one sequence of "
          f"seq_len ({config.seq_len}) tokens"),

@@ -152,6 +152,15 @@ def _count_tokens(documents: Iterable[str], tokenizer) -> int:
     return total
 
 
+def tokens_per_char(documents: Iterable[str], tokenizer) -> float:
+    """Tokens per character of the documents as a stage packs them (a separator after each): a stage's training
+    tokens divided by it are the characters of text it trained on, whatever the tokenizer."""
+    documents, tokens, chars = iter(documents), 0, 0
+    while batch := list(itertools.islice(documents, TOKENIZE_BATCH)):
+        tokens, chars = tokens + _count_tokens(batch, tokenizer), chars + sum(map(len, batch))
+    return tokens / max(1, chars)
+
+
 def _sample(documents: Documents, quota: int) -> list[str]:
     taken = []
     try:

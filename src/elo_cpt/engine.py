@@ -160,6 +160,15 @@ class EloTrainer(Trainer):
         # a tensor whose rows partly stay frozen (`train.train_rows_from`) takes no decay: it would move those rows
         return [n for n in super().get_decay_parameter_names(model) if not getattr(model.get_parameter(n), "_elo_no_decay", False)]
 
+    def create_optimizer(self, model=None):
+        # parameters marked `_elo_lr` (`train.train_rows_from`) get groups of their own at that rate, made before the
+        # optimizer is built, so any optimizer (and step_in_backward's per-parameter ones) takes them as plain groups
+        opt_model = self.model if model is None else model
+        if self.optimizer is None and any(hasattr(p, "_elo_lr") for p in opt_model.parameters() if p.requires_grad):
+            cls, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer_cls_and_kwargs = (with_own_rates(cls), kwargs)
+        return super().create_optimizer(model)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.loss_chunk:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -184,6 +193,25 @@ class EloTrainer(Trainer):
         trainable = {n: p.detach().contiguous().cpu() for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
         safetensors.torch.save_file(trainable, output_dir / "model.safetensors", metadata={"format": "pt"})
         torch.save(self.args, output_dir / "training_args.bin")
+
+
+def with_own_rates(optimizer_cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """`optimizer_cls` (a subclass of the same name and module, which Trainer's bitsandbytes check reads) that takes
+    each parameter marked `_elo_lr` out of its group into a group of its own, with that group's other settings
+    (weight decay) and that peak rate; the scheduler then scales every group's rate alike."""
+
+    def __init__(self, params, *args, **kwargs):
+        params = list(params)
+        split = []
+        for group in params if params and isinstance(params[0], dict) else [{"params": params}]:
+            group = {**group, "params": list(group["params"])}
+            own = [p for p in group["params"] if hasattr(p, "_elo_lr")]
+            split.append({**group, "params": [p for p in group["params"] if not hasattr(p, "_elo_lr")]})
+            split += [{**group, "params": [p], "lr": p._elo_lr} for p in own]
+        optimizer_cls.__init__(self, split, *args, **kwargs)
+
+    return type(optimizer_cls.__name__, (optimizer_cls,), {"__init__": __init__, "__module__": optimizer_cls.__module__,
+                                                          "__qualname__": optimizer_cls.__qualname__})
 
 
 class TokensPerSecond(TrainerCallback):

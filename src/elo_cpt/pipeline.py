@@ -409,7 +409,7 @@ def stage1_and_merge(cfg: RunConfig, stage1_data: Path, folder: Path, timings: T
         with timings.step("stage1"):
             train.pretrain(shallow, [str(stage1_data)], stage1, cfg.stage1, cfg.seq_len, cfg.seed,
                            train_norm=cfg.stage1.train_norm, held_out=cfg.data.eval,
-                           train_new_rows=cfg.stage1.train_new_rows)
+                           train_new_rows=cfg.stage1.train_new_rows, new_rows_lr=cfg.stage1.new_rows_lr)
     distributed.main_only(merge_step, cfg, shallow, stage1, merged, timings)
     return merged
 

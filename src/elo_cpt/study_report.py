@@ -61,7 +61,7 @@ def rows(results: dict) -> list[tuple[str, list[list[str]]]]:
         group = groups.setdefault(cell.get("group") or "", [])
         method = METHOD_LABELS.get(cell["method"], cell["method"])
         if cell.get("missing"):
-            group.append([cell["name"], method, *["not run yet"] + ["-"] * 7])
+            group.append([cell["name"], method, *["not run yet"] + ["-"] * 8])
             continue
         if cell.get("budget"):
             method += f", equal {'FLOPs' if cell['budget'] == 'flops' else 'tokens'}"
@@ -69,7 +69,8 @@ def rows(results: dict) -> list[tuple[str, list[list[str]]]]:
         flops = cell["flops"]
         relative = f" ({flops / reference_flops:.2f}x)" if reference_flops and flops else ""
         group.append([
-            cell["name"], method, f"{cell['tokens']:,}", f"{flops / 1e12:.1f}{relative}" if flops else "0",
+            cell["name"], method, f"{cell['tokens']:,}", f"{cell['characters']:,}" if "characters" in cell else "-",
+            f"{flops / 1e12:.1f}{relative}" if flops else "0",
             f"{cell['train_seconds']:.0f}" + (f" ({cell['resumes']} resumed)" if cell.get("resumes") else ""),
             f"{cell['peak_rss_bytes'] / 2**30:.2f}" if cell.get("peak_rss_bytes") else "-",
             _bpc(final.get(target), base.get(target)), _bpc(final.get("en"), base.get("en")),
@@ -81,7 +82,7 @@ def rows(results: dict) -> list[tuple[str, list[list[str]]]]:
 def markdown(results: dict) -> str:
     """results.md, from the package's template (templates/study.md.j2), as the run report is written."""
     target = results["target_language"]
-    header = ["cell", "method", "training tokens", "TFLOPs (x ELO)", "train s", "peak RSS GiB",
+    header = ["cell", "method", "training tokens", "training chars", "TFLOPs (x ELO)", "train s", "peak RSS GiB",
               f"{target} bits/char (vs base)", "en bits/char (vs base)", f"{target} before alignment", "note"]
     environment = jinja2.Environment(autoescape=False, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     environment.filters["cell"] = lambda cell: str(cell).replace("|", "\\|")  # notes may hold |

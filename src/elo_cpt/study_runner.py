@@ -19,14 +19,20 @@ Methods:
     fft | lora | freeze  a baseline from the base model on the stage-1 corpora with the reference ELO cell's tokens
                          (`budget: tokens`) or cost-model FLOPs (`budget: flops`), optimiser settings from `align`
 
+With `vocab.add` (e.g. `set: {vocab.add: 8000, stage1.train_new_rows: true}`), "the base model" is the model `elo
+vocab` extends, built once per base model and vocab settings (`vocab/KEY/`) and shared; a control's vocab settings
+are its reference's. Every cell records the characters of text its tokens hold (tokens per character of its mixtures).
+
 Every cell runs in a fresh process (so its peak memory is its own) and writes `cells/NAME/result.json` last: a
 rerun skips finished cells and resumes the unfinished one from its last checkpoint. Cells whose stage 1 is the
 same share it (`stage1/KEY/`), so an alignment-budget sweep trains stage 1 once.
 
     DIR/study.yaml                 the study as given
+    DIR/vocab/KEY/model/           a shared vocabulary extension (vocab.add): the extended model
     DIR/stage1/KEY/                a shared stage 1: its data, the trained shallow model, the merged model
     DIR/cells/NAME/cell.json       the cell, its resolved config and budget (a rerun that changes them is refused)
-    DIR/cells/NAME/result.json     tokens, FLOPs, seconds (of every invocation), resumes, peak memory and bits/char of the cell
+    DIR/cells/NAME/result.json     tokens, characters, FLOPs, seconds (of every invocation), resumes, peak memory and
+                                   bits/char of the cell
     DIR/results.json, .md, .png    the results table and plot
 """
 
@@ -42,185 +48,24 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
-from importlib import resources
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
-from elo_cpt import checkpoint, config as config_mod, costmodel, distributed, emulation, files, layerprobe, pipeline, pipeline_eval, surgery, train
+from elo_cpt import checkpoint, config as config_mod, corpus, data, distributed, files, layerprobe, pipeline, pipeline_eval
+from elo_cpt import train, vocabulary
 from elo_cpt.config import RunConfig
 from elo_cpt.errors import EloError
 from elo_cpt.stageclock import Timings
+# the study file, its cells and their budgets (re-exported: `elo study --list` and the tests reach them here)
+from elo_cpt.study_cells import (BUDGETS, METHODS, Cell, Study, _shape, builtin_studies, cell_config, elo_plan,  # noqa: F401
+                                 load_study, plan, study_path)
 
-METHODS = ("base", "elo", "control", "fft", "lora", "freeze")
-BUDGETS = ("tokens", "flops")
 RESULT = "result.json"
 
 
-@dataclass
-class Cell:
-    """One run of a study."""
-
-    name: str
-    """Unique name; also the cell's folder name."""
-    method: str
-    """base, elo, control, fft, lora or freeze."""
-    group: str = ""
-    """The results table this cell appears in (e.g. `layer sets`); cells without one go in the main table."""
-    set: dict = field(default_factory=dict)
-    """Run-config values of this cell on top of the study's `run` section, dotted keys allowed (stage1.lr: 5e-5)."""
-    budget: str = "tokens"
-    """Baselines: match the reference ELO cell's training tokens (`tokens`) or its cost-model FLOPs (`flops`)."""
-    reference: str = "elo"
-    """The ELO cell whose budget a baseline matches, or whose alignment a control repeats."""
-    note: str = ""
-    """A few words shown beside the cell in the results."""
-
-
-@dataclass
-class Study:
-    """A study file: the shared run config and the cells."""
-
-    run: dict
-    cells: list[Cell]
-    keep_models: bool = False
-    """Keep each cell's final model folder (by default it is deleted once evaluated; results stay)."""
-
-    def cell(self, name: str) -> Cell:
-        for cell in self.cells:
-            if cell.name == name:
-                return cell
-        raise EloError(f"the study has no cell named {name!r}; cells: {', '.join(c.name for c in self.cells)}")
-
-
 log = logging.getLogger(__name__).info  # shown by the `elo` command (distributed.setup_logging)
-
-
-def builtin_studies() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files("elo_cpt").joinpath("studies").iterdir()
-                  if p.name.endswith(".yaml"))
-
-
-def study_path(spec: str | Path) -> Path:
-    """A study file: a path, or the name of a built-in study (`de`, `ko`)."""
-    path = Path(spec)
-    if path.is_file():
-        return path
-    if str(spec) in builtin_studies():
-        return Path(str(resources.files("elo_cpt").joinpath("studies", f"{spec}.yaml")))
-    raise EloError(f"study file {spec} does not exist; give a YAML file or a built-in study ({', '.join(builtin_studies())})")
-
-
-def load_study(spec: str | Path | dict) -> Study:
-    """Parse and check a study file (or its already-parsed dict): every cell resolves before anything runs."""
-    if isinstance(spec, dict):
-        values = spec
-    else:
-        path = study_path(spec)
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise EloError(f"study file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(values, dict) or not isinstance(values.get("cells"), list) or not values["cells"]:
-        raise EloError("a study file needs `cells:`, a list of {name, method, ...}; see `elo study --help`")
-    unknown = set(values) - {"run", "cells", "keep_models"}
-    if unknown:
-        raise EloError(f"unknown study key(s) {sorted(unknown)}; use run, cells, keep_models")
-    known = {f.name for f in dataclasses.fields(Cell)}
-    cells = []
-    for raw in values["cells"]:
-        if not isinstance(raw, dict) or not {"name", "method"} <= set(raw) or set(raw) - known:
-            raise EloError(f"bad study cell {raw!r}: give name and method, and only {', '.join(sorted(known))}")
-        cells.append(Cell(**{**raw, "name": str(raw["name"])}))
-    study = Study(run=values.get("run") or {}, cells=cells, keep_models=bool(values.get("keep_models", False)))
-    names = [c.name for c in cells]
-    if len(set(names)) != len(names):
-        raise EloError(f"study cell names must be unique; repeated: {sorted({n for n in names if names.count(n) > 1})}")
-    for cell in cells:
-        if not cell.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise EloError(f"study cell name {cell.name!r} must be letters, digits, '-', '_' or '.' (it names a folder)")
-        if cell.method not in METHODS:
-            raise EloError(f"cell {cell.name}: unknown method {cell.method!r}; use one of {', '.join(METHODS)}")
-        if cell.budget not in BUDGETS:
-            raise EloError(f"cell {cell.name}: budget must be tokens or flops, not {cell.budget!r}")
-        if cell.method in ("control", "fft", "lora", "freeze"):
-            reference = study.cell(cell.reference)
-            if reference.method != "elo":
-                raise EloError(f"cell {cell.name}: its reference {cell.reference!r} must be an elo cell")
-        cell_config(study, cell)
-    return study
-
-
-def cell_config(study: Study, cell: Cell) -> RunConfig:
-    """The run config of a cell: the study's `run` section, then the cell's `set` values."""
-    try:
-        cfg = config_mod.from_dict(study.run, cell.set)
-    except EloError as err:
-        raise EloError(f"cell {cell.name}: {err}") from None
-    unsupported = {"vocab.add": cfg.vocab.add, "chat.base": cfg.chat.base, "sft.data": cfg.sft.data}
-    if ignored := next((key for key, given in unsupported.items() if given), None):
-        raise EloError(f"cell {cell.name}: {ignored} is not supported in a study (no vocabulary extension or stage 3 in cells); use elo run")
-    return cfg
-
-
-# ------------------------------------------------------------------ budgets
-
-
-def _shape(cfg: RunConfig) -> costmodel.Shape:
-    from transformers import AutoConfig
-
-    return costmodel.Shape.from_config(AutoConfig.from_pretrained(checkpoint.require_model_dir(cfg.model, weights=False)))
-
-
-def _planned_layers(cfg: RunConfig, n_layers: int) -> list[int]:
-    """The layers a cell trains, for its cost; `layers: probe:K` is not measured yet, so the first K - K // 2 and the
-    last K // 2 layers stand in (0,-1 for K = 2)."""
-    k = config_mod.probe_size(cfg.layers)
-    if k is None:
-        return surgery.resolve_layers(cfg.layers, n_layers)
-    k = min(k, n_layers)
-    return sorted({*range(k - k // 2), *range(n_layers - k // 2, n_layers)})
-
-
-def elo_plan(cfg: RunConfig) -> dict:
-    """Tokens and cost-model FLOPs of an ELO run: stage 1 on the shallow model, then alignment on the whole one."""
-    shape = _shape(cfg)
-    layers = _planned_layers(cfg, shape.num_layers)
-    frozen = surgery.resolve_layers(cfg.stage1.frozen_layers, shape.num_layers) if cfg.stage1.frozen_layers else []
-    stage1, align = cfg.stage1.tokens or 0, pipeline.align_tokens(cfg)
-    distil = 0.0
-    if cfg.stage1.emulator_layers:  # the emulator's layers run in stage 1, frozen; distilling them costs once
-        gap, frozen = emulation.emulator_sources(layers, shape.num_layers, cfg.stage1.emulator_layers)
-        distil = min(cfg.stage1.emulator_tokens, stage1) * costmodel.emulator_flops_per_token(shape, layers, gap, frozen)
-    align_method = {"fft": "align"}.get(cfg.align.method, cfg.align.method)
-    flops = (stage1 * costmodel.step_cost(shape, "elo", layers, cfg.align.lora_rank, frozen).flops_per_token
-             + align * costmodel.step_cost(shape, align_method, layers, cfg.align.lora_rank).flops_per_token
-             # fitting bridges is one forward pass of the full model over their calibration tokens
-             + (min(config_mod.bridge_token_count(cfg.stage1.bridge_tokens, shape.hidden), stage1)
-                if pipeline.wants_bridges(cfg) else 0) * costmodel.step_cost(shape, "fft", layers).forward_flops + distil)
-    return {"stage1_tokens": stage1, "align_tokens": align, "tokens": stage1 + align, "flops": flops}
-
-
-def plan(study: Study, cell: Cell) -> dict:
-    """What a cell trains: tokens per stage and cost-model FLOPs, before anything runs."""
-    cfg = pipeline.resolve_defaults(cell_config(study, cell))
-    if cell.method == "base":
-        return {"tokens": 0, "flops": 0.0}
-    if cell.method == "elo":
-        return elo_plan(cfg)
-    reference = elo_plan(pipeline.resolve_defaults(cell_config(study, study.cell(cell.reference))))
-    shape = _shape(cfg)
-    layers = _planned_layers(cfg, shape.num_layers)
-    if cell.method == "control":
-        per_token = costmodel.step_cost(shape, "fft", layers).flops_per_token
-        return {"tokens": reference["align_tokens"], "flops": reference["align_tokens"] * per_token}
-    per_token = costmodel.step_cost(shape, cell.method, layers, cfg.align.lora_rank).flops_per_token
-    if cell.budget == "tokens":
-        tokens = reference["tokens"]
-    else:  # whole sequences, as many as the reference's FLOPs pay for
-        tokens = int(reference["flops"] / per_token) // cfg.seq_len * cfg.seq_len
-    return {"tokens": tokens, "flops": tokens * per_token}
 
 
 # ------------------------------------------------------------------ running
@@ -323,12 +168,44 @@ def _align_mixture(cfg: RunConfig, folder: Path) -> Path:
     return _mixtures(only_align, folder, ("align",))["align"]
 
 
+def _vocab_settings(cfg: RunConfig) -> dict:
+    """What a vocabulary extension depends on: the base model, the number of tokens, their corpora and rule."""
+    return {"model": cfg.model, "add": cfg.vocab.add, "data": cfg.vocab.data or cfg.data.target,
+            "ascii_context": cfg.vocab.ascii_context}
+
+
+def _extended(cfg: RunConfig, root: Path) -> RunConfig:
+    """`cfg` with the model its cell trains: with vocab.add, the model `elo vocab` extends into `vocab/KEY/model`,
+    once for every cell with the same base model and vocab settings (main process)."""
+    if not cfg.vocab.add:
+        return cfg
+    settings = _vocab_settings(cfg)
+    folder = root / "vocab" / _key(settings)
+    if not (folder / "model").is_dir():
+        distributed.main_only(_extend, settings, folder)
+    return replace(cfg, model=str(folder / "model"))
+
+
+def _extend(settings: dict, folder: Path) -> None:
+    log(f"extending the vocabulary of {settings['model']} by {settings['add']:,} tokens (shared as {folder})")
+    folder.mkdir(parents=True, exist_ok=True)
+    files.write_json(folder / "settings.json", settings)
+    vocabulary.extend_vocabulary(settings["model"], settings["data"], settings["add"], folder / "model",
+                                 ascii_context=settings["ascii_context"])
+
+
 def _shared_stage1(cfg: RunConfig, root: Path) -> tuple[Path, dict]:
-    """Stage 1 and write-back of an ELO config, shared by every cell with the same stage-1 settings."""
-    settings = {"model": cfg.model, "layers": cfg.layers, "stage1": dataclasses.asdict(cfg.stage1), "seq_len": cfg.seq_len,
-                "seed": cfg.seed, "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "eval"}}
+    """Stage 1 and write-back of an ELO config, shared by every cell with the same stage-1 settings (with vocab.add,
+    from the extended model, and the vocab settings in the key)."""
+    stage1 = dataclasses.asdict(cfg.stage1)
+    if stage1["new_rows_lr"] is None:  # a setting added since, at its default: stage 1s trained before keep their key
+        del stage1["new_rows_lr"]
+    settings = {"model": cfg.model, "layers": cfg.layers, "stage1": stage1, "seq_len": cfg.seq_len,
+                "seed": cfg.seed, "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "eval"},
+                **({"vocab": _vocab_settings(cfg)} if cfg.vocab.add else {})}
     folder = root / "stage1" / _key(settings)
     if not (folder / "merged").is_dir():
+        cfg = _extended(cfg, root)
         stage1_data = distributed.main_only(_stage1_mixture, cfg, folder, settings)
         pipeline.stage1_and_merge(cfg, stage1_data, folder, Timings(folder / "timings.json", write=distributed.is_main()))
     return folder, json.loads((folder / "stage1" / train.STATS_FILE).read_text())
@@ -363,34 +240,42 @@ def run_cell(out: str | Path, name: str) -> dict:
     cfg = distributed.main_only(layerprobe.probe_layers, cfg, folder)  # `layers: probe`: measured once per cell
     model_dir = folder / "model"
     stages: dict[str, dict] = {}
+    mixtures: dict[str, Path] = {}  # the text each stage trained on
     evaluated: dict[str, dict] = {}
     start = time.perf_counter()
-    if cell.method == "base":
-        evaluated["final"] = _evaluate(cfg, checkpoint.require_model_dir(cfg.model), out / "eval-base")
+    trained = _extended(cfg, out)  # the model the cell starts from (and tokenizes with): the extended one with vocab.add
+    if cell.method == "base":  # with vocab.add, the extended model as `elo vocab` left it
+        cache = Path(trained.model).parent if cfg.vocab.add else out
+        evaluated["final"] = _evaluate(cfg, checkpoint.require_model_dir(trained.model), cache / "eval-base")
     elif cell.method == "elo":
         shared, stages["stage1"] = _shared_stage1(cfg, out)
+        mixtures["stage1"] = shared / "data" / "stage1.jsonl"
         evaluated["merged"] = _evaluate(cfg, shared / "merged", shared / "eval-merged")
         if planned["align_tokens"]:
-            align_data = distributed.main_only(_align_mixture, cfg, folder / "data")
+            mixtures["align"] = distributed.main_only(_align_mixture, trained, folder / "data")
             align_cfg = replace(cfg.align, tokens=planned["align_tokens"])
-            stats = train.finetune(shared / "merged", [str(align_data)], model_dir, align_cfg, cfg.seq_len, cfg.seed,
+            stats = train.finetune(shared / "merged", [str(mixtures["align"])], model_dir, align_cfg, cfg.seq_len, cfg.seed,
                                    method=cfg.align.method, layers=cfg.layers)
             stages["align"] = stats.to_dict()
             evaluated["final"] = _evaluate(cfg, model_dir, folder / "eval-final")
         else:
             evaluated["final"] = evaluated["merged"]
     else:
-        if cell.method == "control":
+        if cell.method == "control":  # the reference's vocab settings are the cell's (load_study), so its model too
             ref_cfg = distributed.main_only(pipeline.resolve_defaults, cell_config(parsed, parsed.cell(cell.reference)))
-            corpus = distributed.main_only(_align_mixture, ref_cfg, folder / "data")
+            mixtures["train"] = distributed.main_only(_align_mixture, _extended(ref_cfg, out), folder / "data")
             method, train_cfg = "fft", replace(ref_cfg.align, tokens=planned["tokens"])
         else:
-            budget = replace(cfg, stage1=replace(cfg.stage1, tokens=planned["tokens"]), align=replace(cfg.align, tokens=0))
-            corpus = distributed.main_only(_mixtures, budget, folder / "data", ("stage1",))["stage1"]
+            budget = replace(trained, stage1=replace(cfg.stage1, tokens=planned["tokens"]), align=replace(cfg.align, tokens=0))
+            mixtures["train"] = distributed.main_only(_mixtures, budget, folder / "data", ("stage1",))["stage1"]
             method, train_cfg = cell.method, replace(cfg.align, tokens=planned["tokens"])
-        stats = train.finetune(cfg.model, [str(corpus)], model_dir, train_cfg, cfg.seq_len, cfg.seed, method=method, layers=cfg.layers)
+        stats = train.finetune(trained.model, [str(mixtures["train"])], model_dir, train_cfg, cfg.seq_len, cfg.seed,
+                               method=method, layers=cfg.layers)
         stages["train"] = stats.to_dict()
         evaluated["final"] = _evaluate(cfg, model_dir, folder / "eval-final")
+    for stage, mixture in mixtures.items():  # characters of text = tokens / tokens per character of the stage's mixture
+        rate = distributed.main_only(_tokens_per_char, trained.model, mixture)
+        stages[stage].update(tokens_per_char=round(rate, 4), characters=round(stages[stage]["tokens"] / rate))
     result = {
         "name": name,
         "method": cell.method,
@@ -399,16 +284,30 @@ def run_cell(out: str | Path, name: str) -> dict:
         "note": cell.note,
         "set": cell.set,
         "tokens": sum(s["tokens"] for s in stages.values()),
+        "characters": sum(s["characters"] for s in stages.values()),
         "flops": planned["flops"],
         "train_seconds": round(sum(s["seconds"] for s in stages.values()), 1),
         "resumes": sum(s.get("resumes", 0) for s in stages.values()),  # its train seconds count every invocation
         "peak_rss_bytes": max((s["peak_rss_bytes"] for s in stages.values()), default=None),
         "stages": {k: {key: v for key, v in s.items() if key != "losses"} for k, s in stages.items()},
         "eval": {model: {lang: r["bits_per_char"] for lang, r in langs.items()} for model, langs in evaluated.items()},
+        # tokens per character of the held-out text, in the tokenizer of the model the cell trained
+        "eval_tokens_per_char": {lang: round(r["tokens"] / r["chars"], 4) for lang, r in evaluated["final"].items()},
+        "vocab": distributed.main_only(_vocab_summary, trained.model) if cfg.vocab.add else None,
         "cell_seconds": round(time.perf_counter() - start, 1),
     }
     distributed.main_only(_finish_cell, folder, result, None if parsed.keep_models else model_dir)
     return result
+
+
+def _tokens_per_char(model: str | Path, mixture: Path) -> float:
+    return data.tokens_per_char(corpus.iter_documents(mixture), checkpoint.load_tokenizer(model))
+
+
+def _vocab_summary(model: str | Path) -> dict:
+    """The extension a cell trained with: tokens added, vocabulary size, tokens per character of its corpora."""
+    summary = json.loads((Path(model) / vocabulary.VOCAB_FILE).read_text())
+    return {k: summary[k] for k in ("added", "vocab_size", "ascii_context", "tokens_per_char_before", "tokens_per_char_after")}
 
 
 def _finish_cell(folder: Path, result: dict, drop: Path | None) -> None:

@@ -155,13 +155,19 @@ def pretrain(
     train_norm: bool = False,
     held_out: dict[str, str | Path] | None = None,
     train_new_rows: bool = False,
+    new_rows_lr: float | None = None,
 ) -> StageStats:
     """ELO stage 1: train the decoder layers of a shallow model (from `elo detach`) and save it to `out`.
 
     Layers detached as frozen stay frozen, bridges fitted by `surgery.add_bridges` are applied (frozen);
     `train_norm` also trains the final norm, `train_new_rows` the embedding (and untied head) rows `elo vocab`
-    added, the old rows staying exactly as they are (`train_rows_from`); `merge` writes them back with the layers.
+    added, the old rows staying exactly as they are (`train_rows_from`), at the peak rate `new_rows_lr` (None: the
+    layers' `cfg.lr`); `merge` writes them back with the layers.
     """
+    if new_rows_lr is not None and not new_rows_lr > 0:
+        raise EloError(f"--new-rows-lr must be a positive learning rate, not {new_rows_lr}")
+    if new_rows_lr is not None and not train_new_rows:
+        raise EloError("--new-rows-lr is the learning rate of the rows --train-new-rows trains; add --train-new-rows")
     shallow_dir = checkpoint.require_model_dir(shallow_dir)
     provenance = {**checkpoint.read_provenance(shallow_dir), "stage1_config": asdict(cfg or TrainConfig())}
     rows = vocabulary.new_rows(provenance["base_model"]) if train_new_rows else None
@@ -175,8 +181,9 @@ def pretrain(
         surgery.apply_bridges(model, shallow_dir)
         names = surgery.final_norm_names(model) if train_norm else []
         if rows is not None:
-            trained_rows = train_rows_from(model, rows[0])
+            trained_rows = train_rows_from(model, rows[0], new_rows_lr)
             provenance["trained_rows"] = {name: [rows[0], rows[1]] for name in trained_rows}
+            provenance["new_rows_lr"] = new_rows_lr or (cfg or TrainConfig()).lr
             names += trained_rows
         if names:
             params = dict(model.named_parameters())
@@ -195,11 +202,12 @@ def pretrain(
                       held_out=held_out)
 
 
-def train_rows_from(model: PreTrainedModel, first: int) -> list[str]:
+def train_rows_from(model: PreTrainedModel, first: int, lr: float | None = None) -> list[str]:
     """Let the embedding rows from `first` on (and an untied head's) train while the rows before stay bit for bit:
     their gradient is zeroed after each backward pass, and the tensors take no weight decay (AdamW's decoupled decay
-    would shrink rows without a gradient too; `EloTrainer` leaves out parameters marked `_elo_no_decay`). Returns
-    the names of the tensors."""
+    would shrink rows without a gradient too; `EloTrainer` leaves out parameters marked `_elo_no_decay`). With `lr`,
+    the tensors train at that peak rate, in an optimizer group of their own (`EloTrainer`, parameters marked
+    `_elo_lr`): a zero gradient still moves no row at any rate. Returns the names of the tensors."""
     weights = [model.get_input_embeddings().weight]
     head = model.get_output_embeddings()
     if head is not None and head.weight is not weights[0]:
@@ -211,6 +219,8 @@ def train_rows_from(model: PreTrainedModel, first: int) -> list[str]:
     for weight in weights:
         weight.requires_grad_(True)
         weight._elo_no_decay = True
+        if lr is not None:
+            weight._elo_lr = lr
         weight.register_post_accumulate_grad_hook(keep_old_rows)
     return [name for name, p in model.named_parameters() if any(p is w for w in weights)]
 
