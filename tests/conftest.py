@@ -36,7 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 LONG_TESTS = {
     "test_default_pipeline_on_smollm2_improves_german": 1790, "test_sft_on_smollm2_lowers_held_out_german_answer_bits_per_char": 750,
     "test_bf16_mixed_stage1_tracks_fp32_on_smollm2": 500, "test_study_runs_every_method_and_resumes": 260,
-    "test_stage_by_stage": 160, "test_study_cells_train_on_two_processes": 130, "test_bench_cli_smoke": 100,
+    "test_stage_by_stage": 160, "test_vocab_cells_share_one_extension_and_count_characters": 120, "test_study_cells_train_on_two_processes": 130, "test_bench_cli_smoke": 100,
     "test_sigkill_and_rerun_gives_the_uninterrupted_weights": 90, "test_killing_one_rank_then_rerunning_resumes": 80,
     "test_detach_and_merge_of_a_3gb_checkpoint_stay_far_below_its_size": 80,
 }
