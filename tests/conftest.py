@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -109,6 +110,28 @@ def assert_resumed(stderr: str, partial: Path, straight: Path, resumed: Path, st
     assert resumed_at in range(every, steps, every)  # the newest checkpoint may have been cut short: then the one before
     assert logged_steps(straight / "logs") == [list(range(1, steps + 1))]
     assert [s for s in logged_steps(resumed / "logs") if s[-1:] == [steps]] == [list(range(resumed_at + 1, steps + 1))]
+
+
+@contextlib.contextmanager
+def crash_at_step(step: int):
+    """Trainer raises RuntimeError("simulated crash") as its `step`-th training step begins (an interrupted run);
+    the `with` block must expect it."""
+    from transformers import Trainer
+
+    original, calls = Trainer.training_step, []
+
+    def crashing(self, *a, **k):
+        calls.append(1)
+        if len(calls) == step:
+            raise RuntimeError("simulated crash")
+        return original(self, *a, **k)
+
+    Trainer.training_step = crashing
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            yield
+    finally:
+        Trainer.training_step = original
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:

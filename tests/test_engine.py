@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, Trainer
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import VOCAB, assert_resumed, free_port, make_tokenizer, save_tiny_model
+from conftest import VOCAB, assert_resumed, crash_at_step, free_port, make_tokenizer, save_tiny_model
 from elo_cpt import engine, surgery, train
 from elo_cpt.config import TrainConfig
 
@@ -78,19 +78,9 @@ def test_baselines_train_what_they_should(tiny_model, tmp_path, corpora, method)
     assert all(torch.equal(loaded[k], after[k]) for k in after)
 
 
-def test_checkpoints_hold_only_trainable_tensors(tiny_model, tmp_path, corpora, monkeypatch):
+def test_checkpoints_hold_only_trainable_tensors(tiny_model, tmp_path, corpora):
     surgery.detach(tiny_model, "0,-1", tmp_path / "shallow")
-    original = Trainer.training_step
-    calls = []
-
-    def crash_at_step_5(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 5:
-            raise RuntimeError("simulated crash")
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(Trainer, "training_step", crash_at_step_5)
-    with pytest.raises(RuntimeError):
+    with crash_at_step(5):
         train.pretrain(tmp_path / "shallow", [str(corpora["train_de"])], tmp_path / "s1", TrainConfig(batch_size=2, save_steps=2), seq_len=32)
     saved = tensors(tmp_path / "s1.partial" / "checkpoints" / "checkpoint-4")
     assert saved and all(k.startswith("model.layers.") for k in saved)

@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, make_tokenizer, save_tiny_model
+from conftest import FIXTURES, crash_at_step, make_tokenizer, save_tiny_model
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from elo_cpt import chateval, chattokens, train
 from elo_cpt.chatdata import iter_conversations, to_conversation
@@ -320,24 +320,14 @@ def test_the_first_loss_is_the_answer_nll_the_evaluation_measures(tmp_path):
     assert stats.losses[0][1] == pytest.approx(nats_per_token, rel=1e-4)
 
 
-def test_interrupted_sft_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def test_interrupted_sft_resumes_to_the_same_weights(tmp_path):
     model = chat_model(tmp_path / "model")
     cfg = TrainConfig(lr=1e-3, batch_size=2, save_steps=2, report_to=["none"])
     data = [str(CHATS / "de_eval.jsonl")]
     straight = train.sft(model, data, tmp_path / "straight", cfg, seq_len=512)
-    original_step, calls = Trainer.training_step, []
-
-    def crash_at_step_4(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("simulated crash")
-        return original_step(self, *a, **k)
-
-    monkeypatch.setattr(Trainer, "training_step", crash_at_step_4)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(4):
         train.sft(model, data, tmp_path / "resumed", cfg, seq_len=512)
     assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial" / "checkpoints" / "checkpoint-2").is_dir()
-    monkeypatch.setattr(Trainer, "training_step", original_step)
     resumed = train.sft(model, data, tmp_path / "resumed", cfg, seq_len=512)
     assert resumed.resumes == 1 and resumed.steps == straight.steps == 5 and resumed.tokens == straight.tokens
     want, got = tensors(tmp_path / "straight"), tensors(tmp_path / "resumed")

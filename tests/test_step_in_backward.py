@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer
 
 from elo_cpt import distributed, engine, train
 from elo_cpt.config import TrainConfig, validate_train
 from elo_cpt.errors import EloError
+from conftest import crash_at_step
 from test_optimizers import wide_tiny_model
 
 
@@ -46,23 +46,12 @@ def test_at_most_one_gradient_is_alive(name):
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-def test_an_interrupted_alignment_resumes_to_the_same_weights(tiny_model, corpora, tmp_path, monkeypatch):
+def test_an_interrupted_alignment_resumes_to_the_same_weights(tiny_model, corpora, tmp_path):
     """Every inner optimizer's state is in the checkpoint, and the scheduler's rate reaches them after a resume."""
     straight = aligned(tiny_model, corpora, tmp_path / "straight", optimizer="adafactor", step_in_backward=True)
-    original_step = Trainer.training_step
-    calls = []
-
-    def crash_at_step_4(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("simulated crash")
-        return original_step(self, *a, **k)
-
-    monkeypatch.setattr(Trainer, "training_step", crash_at_step_4)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(4):
         aligned(tiny_model, corpora, tmp_path / "resumed", optimizer="adafactor", step_in_backward=True)
     assert (tmp_path / "resumed.partial" / "checkpoints" / "checkpoint-2").is_dir()
-    monkeypatch.setattr(Trainer, "training_step", original_step)
     resumed = aligned(tiny_model, corpora, tmp_path / "resumed", optimizer="adafactor", step_in_backward=True)
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0)
